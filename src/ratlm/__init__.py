@@ -1,0 +1,16 @@
+"""ratlm: RAT language models (chunked recurrence + attention, arXiv 2507.04416) and their baselines."""
+
+from .cache import ModelCache
+from .config import PRESETS, ModelConfig, preset
+from .model import LanguageModel
+
+__version__ = "0.1.0"
+
+__all__ = ["LanguageModel", "ModelCache", "ModelConfig", "PRESETS", "preset", "from_pretrained"]
+
+
+def from_pretrained(directory, device=None, dtype=None) -> LanguageModel:
+    """Load a model saved by `save_pretrained` or written by `ratlm convert-official`."""
+    from .checkpoint import from_pretrained as _load
+
+    return _load(directory, device=device, dtype=dtype)

@@ -1,0 +1,59 @@
+"""The RAT mixer (SPEC §1): gated recurrence inside chunks, softmax attention across chunk summaries."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ..cache import RATState
+from ..config import ModelConfig
+from ..ops import rat_mix, rat_mix_cached
+from .norm import RMSNorm
+
+
+class RAT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.d_model, self.n_heads, self.head_dim = cfg.d_model, cfg.n_heads, cfg.head_dim
+        self.n_groups, self.chunk_size = cfg.n_groups, cfg.chunk_size
+        self.position, self.rope_base = cfg.position, cfg.rope_base
+        self.l1_gate_bias = cfg.rat_l1_gate_bias
+        D, Gd = cfg.d_model, cfg.n_groups * cfg.head_dim
+        self.norm = RMSNorm(D, cfg.norm_eps)
+        self.in_proj = nn.Linear(D, 3 * D + 2 * Gd, bias=False)  # z, x, g, q, k
+        self.gate_bias = nn.Parameter(torch.zeros(D))
+        self.out_proj = nn.Linear(D, D, bias=False)
+
+    @torch.no_grad()
+    def init_gate_bias(self) -> None:
+        """Chrono init log U(1, L-1): per-channel time scales up to the chunk length."""
+        L = self.chunk_size
+        if L == 1:
+            self.gate_bias.fill_(self.l1_gate_bias)
+        else:
+            self.gate_bias.uniform_(1, max(L - 1, 1 + 1e-6)).log_()
+
+    def forward(self, x: Tensor, state: RATState | None = None) -> Tensor:
+        B, T, D = x.shape
+        H, d, G = self.n_heads, self.head_dim, self.n_groups
+        z, v, g, q, k = self.in_proj(self.norm(x)).split([D, D, D, G * d, G * d], dim=-1)
+        g = torch.sigmoid((g + self.gate_bias).float()).view(B, T, H, d)
+        q, k, v = q.view(B, T, G, d), k.view(B, T, G, d), v.view(B, T, H, d)
+        args = (self.chunk_size, self.position, self.rope_base, d**-0.5)
+        if state is None:
+            y = rat_mix(q, k, v, g, *args)
+        else:
+            y = rat_mix_cached(q, k, v, g, state, *args)
+        return x + self.out_proj(torch.sigmoid(z) * y.reshape(B, T, D))
+
+    def new_state(self, batch_size: int, max_len: int, device, dtype) -> RATState:
+        B, H, d = batch_size, self.n_heads, self.head_dim
+        C = math.ceil(max_len / self.chunk_size)
+        return RATState(
+            keys=torch.zeros(B, H, C, d, device=device, dtype=dtype),
+            values=torch.zeros(B, H, C, d, device=device, dtype=dtype),
+            k_run=torch.zeros(B, H, d, device=device),
+            v_run=torch.zeros(B, H, d, device=device),
+        )

@@ -1,0 +1,42 @@
+"""Gated RNN baseline (SPEC §2): the RAT recurrence over the whole sequence, no attention, no RoPE."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..cache import RNNState
+from ..config import ModelConfig
+from ..ops import gated_scan
+from .norm import RMSNorm
+
+
+class RNN(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.d_model, self.context = cfg.d_model, cfg.context
+        D = cfg.d_model
+        self.norm = RMSNorm(D, cfg.norm_eps)
+        self.in_proj = nn.Linear(D, 3 * D, bias=False)  # z, x, g
+        self.gate_bias = nn.Parameter(torch.zeros(D))
+        self.out_proj = nn.Linear(D, D, bias=False)
+
+    @torch.no_grad()
+    def init_gate_bias(self) -> None:
+        """Chrono init log U(1, T_train - 1): time scales up to the training context."""
+        self.gate_bias.uniform_(1, max(self.context - 1, 1 + 1e-6)).log_()
+
+    def forward(self, x: Tensor, state: RNNState | None = None) -> Tensor:
+        D = self.d_model
+        z, v, g = self.in_proj(self.norm(x)).split(D, dim=-1)
+        g = torch.sigmoid((g + self.gate_bias).float())
+        if state is None:
+            h = gated_scan(v, g)
+        else:
+            h = gated_scan(v, g, initial_state=state.state, offset=state.seen)
+            state.state.copy_(h[:, -1])
+            state.seen += x.shape[1]
+        return x + self.out_proj(torch.sigmoid(z) * h.to(v.dtype))
+
+    def new_state(self, batch_size: int, max_len: int, device, dtype) -> RNNState:
+        return RNNState(state=torch.zeros(batch_size, self.d_model, device=device))

@@ -1,0 +1,125 @@
+"""The language model: embedding, N x (mixer, FFN), final norm, logits through the tied embedding."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .cache import ModelCache
+from .config import ModelConfig
+from .mixers import FFN, RAT, RNN, Attention, RMSNorm
+
+
+def make_mixer(name: str, cfg: ModelConfig) -> nn.Module:
+    if name == "rat":
+        return RAT(cfg)
+    if name == "attn":
+        return Attention(cfg)
+    if name == "swa":
+        return Attention(cfg, window=cfg.window)
+    if name == "rnn":
+        return RNN(cfg)
+    raise ValueError(f"unknown mixer {name!r}")
+
+
+class Block(nn.Module):
+    def __init__(self, name: str, cfg: ModelConfig):
+        super().__init__()
+        self.mixer = make_mixer(name, cfg)
+        self.ffn = FFN(cfg)
+
+    def forward(self, x: Tensor, state=None) -> Tensor:
+        return self.ffn(self.mixer(x, state))
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(Block(name, config) for name in config.pattern)
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        if not any(p.is_meta for p in self.parameters()):
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """The paper's init: Linear and Embedding weights N(0, 0.02), norm weights 1, chrono gate biases."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=self.config.init_std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+            elif isinstance(module, (RAT, RNN)):
+                module.init_gate_bias()
+
+    def forward(self, input_ids: Tensor, cache: ModelCache | None = None) -> Tensor:
+        """Logits [B, T, vocab] for input_ids [B, T].
+
+        Without a cache this is the full (training) forward. With a cache from `new_cache`, the tokens
+        continue where the cache stands (a whole prompt, a piece of one, or one token) and the cache is
+        updated in place; the logits equal those of the full forward over everything seen so far.
+        """
+        self._check_ids(input_ids, cache)
+        x = self.embed(input_ids)
+        states = [None] * len(self.blocks) if cache is None else cache.layers
+        for block, state in zip(self.blocks, states, strict=True):
+            x = block(x, state)
+        return F.linear(self.norm(x), self.embed.weight)
+
+    def _check_ids(self, input_ids: Tensor, cache: ModelCache | None) -> None:
+        if (
+            not isinstance(input_ids, Tensor)
+            or input_ids.dim() != 2
+            or input_ids.dtype
+            not in (
+                torch.int32,
+                torch.int64,
+            )
+        ):
+            raise TypeError("input_ids must be an integer tensor of shape [batch, tokens]")
+        if input_ids.shape[1] == 0:
+            raise ValueError("input_ids must hold at least one token")
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
+        if cache is not None:
+            if input_ids.shape[0] != cache.batch_size:
+                raise ValueError(f"input_ids has batch {input_ids.shape[0]}, the cache {cache.batch_size}")
+            cache.check_room(input_ids.shape[1])
+
+    def new_cache(
+        self,
+        batch_size: int,
+        max_len: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> ModelCache:
+        """Preallocate the inference state of every layer for batch_size sequences of up to max_len tokens.
+
+        dtype is the storage type of cached keys/values (default: the parameters' dtype); recurrent
+        running states are always fp32.
+        """
+        if batch_size < 1 or max_len < 1:
+            raise ValueError(f"batch_size and max_len must be >= 1, got {batch_size} and {max_len}")
+        param = self.embed.weight
+        device = param.device if device is None else device
+        dtype = param.dtype if dtype is None else dtype
+        layers = [b.mixer.new_state(batch_size, max_len, device, dtype) for b in self.blocks]
+        return ModelCache(layers=layers, batch_size=batch_size, max_len=max_len)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def save_pretrained(self, directory) -> None:
+        from .checkpoint import save_pretrained
+
+        save_pretrained(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory, device=None, dtype=None) -> LanguageModel:
+        from .checkpoint import from_pretrained
+
+        return from_pretrained(directory, device=device, dtype=dtype)
