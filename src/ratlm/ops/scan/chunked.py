@@ -41,13 +41,13 @@ def gated_scan_chunked(
     a = a.view(B, nb, S, N)
     u = u.view(B, nb, S, N)
 
-    # within each block, from a zero state: local states and running decay products
-    h = torch.zeros_like(u[:, :, 0])
-    decay = torch.ones_like(h)
-    hs, ds = [], []
-    for i in range(S):
-        h = a[:, :, i] * h + u[:, :, i]
-        decay = decay * a[:, :, i]
+    # within each block, from a zero state: local states and running decay products.
+    # unbind (not indexing) keeps autograd from allocating a full-size gradient per step.
+    h, decay = u[:, :, 0], a[:, :, 0]
+    hs, ds = [h], [decay]
+    for a_i, u_i in zip(a.unbind(2)[1:], u.unbind(2)[1:], strict=True):
+        h = a_i * h + u_i
+        decay = decay * a_i
         hs.append(h)
         ds.append(decay)
     h_local = torch.stack(hs, dim=2)  # [B, nb, S, N]
@@ -56,9 +56,9 @@ def gated_scan_chunked(
     # across blocks: the state entering each block
     carry = torch.zeros(B, N, device=x.device) if initial_state is None else initial_state.float()
     entering = []
-    for b in range(nb):
+    for h_end, decay_end in zip(hs[-1].unbind(1), ds[-1].unbind(1), strict=True):
         entering.append(carry)
-        carry = h_local[:, b, -1] + decay[:, b, -1] * carry
+        carry = h_end + decay_end * carry
     entering = torch.stack(entering, dim=1)  # [B, nb, N]
     out = h_local + decay * entering[:, :, None]
     return out.reshape(B, nb * S, N)[:, :T]
