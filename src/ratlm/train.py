@@ -41,7 +41,8 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     eval_every: int = 100  # steps between quick validation estimates (0: only at the end)
-    eval_batches: int = 4  # batches per quick estimate (the final evaluation covers all validation text)
+    eval_batches: int = 4  # batches per quick estimate
+    final_eval_tokens: int | None = None  # validation tokens in the final evaluation (None: all of them)
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     seed: int = 0
     tokenizer: str = "byte"
@@ -205,7 +206,8 @@ def train(cfg: TrainConfig, model_config: ModelConfig | None = None) -> dict:
         bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
     train_time = time.perf_counter() - start
 
-    val_loss = evaluate(model, valid_tokens, cfg.seq_len, cfg.batch_size, eos, device)
+    eval_tokens = valid_tokens if cfg.final_eval_tokens is None else valid_tokens[: cfg.final_eval_tokens]
+    val_loss = evaluate(model, eval_tokens, cfg.seq_len, cfg.batch_size, eos, device)
     unigram = unigram_loss(train_tokens, valid_tokens, tokenizer.vocab_size)
     out = save_pretrained(model, cfg.out, tokenizer=tokenizer)
     metrics = {
