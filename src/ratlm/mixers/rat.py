@@ -39,7 +39,7 @@ class RAT(nn.Module):
         B, T, D = x.shape
         H, d, G = self.n_heads, self.head_dim, self.n_groups
         z, v, g, q, k = self.in_proj(self.norm(x)).split([D, D, D, G * d, G * d], dim=-1)
-        g = torch.sigmoid((g + self.gate_bias).float()).view(B, T, H, d)
+        g = torch.sigmoid(g.float() + self.gate_bias.float()).view(B, T, H, d)
         q, k, v = q.view(B, T, G, d), k.view(B, T, G, d), v.view(B, T, H, d)
         args = (self.chunk_size, self.position, self.rope_base, d**-0.5)
         if state is None:

@@ -29,7 +29,7 @@ class RNN(nn.Module):
     def forward(self, x: Tensor, state: RNNState | None = None) -> Tensor:
         D = self.d_model
         z, v, g = self.in_proj(self.norm(x)).split(D, dim=-1)
-        g = torch.sigmoid((g + self.gate_bias).float())
+        g = torch.sigmoid(g.float() + self.gate_bias.float())
         if state is None:
             h = gated_scan(v, g)
         else:
