@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--eval-every", type=int, help=f"steps between validation estimates (default {defaults.eval_every})"
     )
-    p.add_argument("--final-eval-tokens", type=_positive, help="validation tokens in the final evaluation (all)")
+    p.add_argument("--final-eval-tokens", type=_positive, help="final validation tokens (default all)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int)
     p.add_argument("--sample-tokens", type=int, help="length of the sample printed at the end (0: none)")
