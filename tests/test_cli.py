@@ -32,7 +32,9 @@ def test_chunk_size_below_one_exits_2(capsys):
 
 
 def test_widths_that_do_not_divide_exit_2(capsys, tmp_path):
-    code, _, err = run(capsys, "train", "--preset", "rat-tiny", "--d-model", "65", "--out", str(tmp_path / "m"))
+    code, _, err = run(
+        capsys, "train", "--preset", "rat-tiny", "--d-model", "65", "--out", str(tmp_path / "m")
+    )
     assert code == 2
     assert "divisible" in err
 
@@ -52,12 +54,43 @@ def test_missing_and_malformed_model_directories_exit_2(capsys, tmp_path):
 def test_train_then_generate_from_the_cli(capsys, tmp_path):
     out = str(tmp_path / "model")
     code, text, _ = run(
-        capsys, "train", "--preset", "rat-tiny", "--out", out, "--max-steps", "3", "--batch-size", "2",
-        "--seq-len", "32", "--eval-every", "0", "--final-eval-tokens", "5000", "--sample-tokens", "5", "--device", "cpu",
+        capsys,
+        "train",
+        "--preset",
+        "rat-tiny",
+        "--out",
+        out,
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "32",
+        "--eval-every",
+        "0",
+        "--final-eval-tokens",
+        "5000",
+        "--sample-tokens",
+        "5",
+        "--device",
+        "cpu",
     )
     assert code == 0 and "validation loss" in text
-    code, text, _ = run(capsys, "generate", "--model", out, "--prompt", "ROMEO.", "--prompt", "JULIET.\n",
-                        "--max-new-tokens", "8", "--greedy", "--device", "cpu")
+    code, text, _ = run(
+        capsys,
+        "generate",
+        "--model",
+        out,
+        "--prompt",
+        "ROMEO.",
+        "--prompt",
+        "JULIET.\n",
+        "--max-new-tokens",
+        "8",
+        "--greedy",
+        "--device",
+        "cpu",
+    )
     assert code == 0
     assert "ROMEO." in text and "JULIET." in text
     code, text, _ = run(capsys, "info", out)
@@ -71,6 +104,8 @@ def test_generate_with_a_tokenizer_too_large_for_the_model_exits_2(capsys, tmp_p
 
     model = LanguageModel(preset("rat-tiny", vocab_size=100))
     model.save_pretrained(tmp_path / "m")
-    code, _, err = run(capsys, "generate", "--model", str(tmp_path / "m"), "--prompt", "x", "--tokenizer", "byte")
+    code, _, err = run(
+        capsys, "generate", "--model", str(tmp_path / "m"), "--prompt", "x", "--tokenizer", "byte"
+    )
     assert code == 2 and "tokenizer" in err
     assert torch.is_tensor(model.embed.weight)

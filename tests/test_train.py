@@ -34,8 +34,16 @@ def test_unigram_loss_of_uniform_data_is_log_vocab():
 
 def test_training_learns_and_writes_a_loadable_model(tmp_path, capsys):
     cfg = TrainConfig(
-        preset="rat-tiny", out=str(tmp_path / "run"), max_steps=25, batch_size=8, seq_len=64, lr=3e-3,
-        eval_every=0, final_eval_tokens=20_000, sample_tokens=20, device="cpu",
+        preset="rat-tiny",
+        out=str(tmp_path / "run"),
+        max_steps=25,
+        batch_size=8,
+        seq_len=64,
+        lr=3e-3,
+        eval_every=0,
+        final_eval_tokens=20_000,
+        sample_tokens=20,
+        device="cpu",
     )
     metrics = train(cfg, preset("rat-tiny"))
     log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]

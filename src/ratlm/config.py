@@ -17,6 +17,10 @@ class ConfigError(ValueError):
     """A configuration value is outside its allowed range."""
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 32000  # rows of the (tied) embedding matrix
@@ -39,7 +43,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ffn", "context"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not _is_int(value) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.d_model % self.n_heads:
             raise ConfigError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
@@ -50,13 +54,13 @@ class ModelConfig:
         if bad:
             raise ConfigError(f"layers: unknown mixer {bad[0]!r}; allowed: {', '.join(MIXERS)}")
         if "rat" in pattern:
-            if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
+            if not _is_int(self.chunk_size) or self.chunk_size < 1:
                 raise ConfigError(f"chunk_size must be an integer >= 1, got {self.chunk_size!r}")
-            if not isinstance(self.n_groups, int) or self.n_groups < 1 or self.n_heads % self.n_groups:
+            if not _is_int(self.n_groups) or self.n_groups < 1 or self.n_heads % self.n_groups:
                 raise ConfigError(
                     f"n_groups ({self.n_groups}) must be a positive divisor of n_heads ({self.n_heads})"
                 )
-        if "swa" in pattern and (not isinstance(self.window, int) or self.window < 0):
+        if "swa" in pattern and (not _is_int(self.window) or self.window < 0):
             raise ConfigError(f"window must be an integer >= 0, got {self.window!r}")
         if self.position not in POSITIONS:
             raise ConfigError(f"position must be one of {POSITIONS}, got {self.position!r}")

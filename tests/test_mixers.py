@@ -1,0 +1,204 @@
+"""Mixers (SPEC §1-2): the forward follows the spec; a state fed in pieces gives the full forward."""
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ratlm.mixers.rat
+import ratlm.mixers.rnn
+from ratlm.cache import KVState, RATState, RNNState, WindowState
+from ratlm.config import ModelConfig
+from ratlm.mixers import FFN, RAT, RNN, Attention
+from ratlm.model import make_mixer
+from ratlm.ops import apply_rope, attention_naive, gated_scan_naive, rat_mix_naive, rope_cos_sin
+
+B, D, H, G = 2, 32, 4, 2
+d = D // H
+
+
+def config(**changes) -> ModelConfig:
+    base = dict(vocab_size=50, d_model=D, n_layers=1, n_heads=H, n_groups=G, d_ffn=4 * D, context=32)
+    return ModelConfig(**{**base, **changes})
+
+
+def mixer(name: str, chunk_size: int = 4, window: int = 3, position: str = "rope"):
+    m = make_mixer(name, config(layers=name, chunk_size=chunk_size, window=window, position=position))
+    if isinstance(m, (RAT, RNN)):
+        m.init_gate_bias()
+    return m.eval()
+
+
+def piece_sizes(T: int, how: str) -> list[int]:
+    if how == "whole":
+        return [T]
+    if how == "tokens":
+        return [1] * T
+    sizes, left = [], T
+    while left:
+        sizes.append(min(left, int(torch.randint(1, 6, ()))))
+        left -= sizes[-1]
+    return sizes
+
+
+def poisoned_state(m, max_len: int):
+    """A fresh state with NaN in every key/value slot: a slot read before it is written poisons the output."""
+    state = m.new_state(B, max_len, "cpu", torch.float32)
+    for name in ("keys", "values"):
+        if hasattr(state, name):
+            getattr(state, name).fill_(float("nan"))
+    return state
+
+
+# (mixer, chunk size L, window W, tokens T): prompts shorter than a chunk, T % L != 0, W below and above T
+CACHE_CASES = [
+    ("rat", 8, 3, 5),
+    ("rat", 4, 3, 11),
+    ("rat", 1, 3, 6),
+    ("rat", 4, 3, 12),
+    ("attn", 4, 3, 11),
+    ("swa", 4, 0, 9),
+    ("swa", 4, 3, 11),
+    ("swa", 4, 20, 11),
+    ("rnn", 4, 3, 11),
+]
+
+
+@pytest.mark.parametrize("position", ["rope", "nope"])
+@pytest.mark.parametrize("extra_room", [0, 5])
+@pytest.mark.parametrize("how", ["whole", "tokens", "random"])
+@pytest.mark.parametrize("name, L, W, T", CACHE_CASES)
+def test_state_in_pieces_equals_full_forward(name, L, W, T, how, extra_room, position):
+    m = mixer(name, L, W, position)
+    x = torch.randn(B, T, D)
+    with torch.no_grad():
+        full = m(x)
+        state = poisoned_state(m, T + extra_room)
+        tensors = [f.name for f in dataclasses.fields(state) if f.name != "seen"]
+        buffers = {name: getattr(state, name).data_ptr() for name in tensors}
+        outs, p = [], 0
+        for n in piece_sizes(T, how):
+            outs.append(m(x[:, p : p + n], state))
+            p += n
+            assert state.seen == p
+    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-5, atol=1e-5)
+    # static shapes: the state was updated in place, never reallocated
+    assert buffers == {k: getattr(state, k).data_ptr() for k in buffers}
+
+
+@pytest.mark.parametrize(
+    "name, L, W, max_len, cls, shape",
+    [
+        ("rat", 4, 3, 10, RATState, (B, H, 3, d)),  # ceil(10 / 4) chunk summaries: L times smaller
+        ("rat", 16, 3, 10, RATState, (B, H, 1, d)),
+        ("attn", 4, 3, 10, KVState, (B, H, 10, d)),
+        ("swa", 4, 3, 10, WindowState, (B, H, 4, d)),  # W + 1 slots
+        ("swa", 4, 20, 10, WindowState, (B, H, 10, d)),  # never more than max_len
+    ],
+)
+def test_new_state_shapes(name, L, W, max_len, cls, shape):
+    state = mixer(name, L, W).new_state(B, max_len, "cpu", torch.bfloat16)
+    assert isinstance(state, cls) and state.seen == 0
+    assert state.keys.shape == state.values.shape == shape
+    assert state.keys.dtype == torch.bfloat16
+    if cls is RATState:  # running states stay fp32 whatever the storage type
+        assert state.k_run.shape == state.v_run.shape == (B, H, d)
+        assert state.k_run.dtype == state.v_run.dtype == torch.float32
+
+
+def test_rnn_state_shape():
+    state = mixer("rnn").new_state(B, 10, "cpu", torch.bfloat16)
+    assert isinstance(state, RNNState) and state.state.shape == (B, D) and state.state.dtype == torch.float32
+
+
+def rms_norm(m, x):
+    return F.rms_norm(x, (D,), m.norm.weight, 1e-6)
+
+
+@pytest.mark.parametrize("position", ["rope", "nope"])
+@pytest.mark.parametrize("L", [1, 4])
+def test_rat_forward_follows_spec(L, position):
+    """SPEC §1: in_proj split z, x, g, q, k; g = sigmoid(g + gate_bias); y gated by sigmoid(z); residual."""
+    m = mixer("rat", L, position=position)
+    with torch.no_grad():
+        m.gate_bias.normal_()
+    h = torch.randn(B, 10, D)
+    z, x, g, q, k = m.in_proj(rms_norm(m, h)).split([D, D, D, G * d, G * d], dim=-1)
+    g = torch.sigmoid(g.float() + m.gate_bias.float()).view(B, 10, H, d)
+    y = rat_mix_naive(q.view(B, 10, G, d), k.view(B, 10, G, d), x.view(B, 10, H, d), g, L, position)
+    expected = m.out_proj(torch.sigmoid(z) * y.reshape(B, 10, D)) + h
+    torch.testing.assert_close(m(h), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("position", ["rope", "nope"])
+@pytest.mark.parametrize("name, window", [("attn", None), ("swa", 2)])
+def test_attention_forward_follows_spec(name, window, position):
+    """SPEC §2: in_proj split x (values), q, k; RoPE on token positions; no output gate; residual."""
+    T = 9
+    m = mixer(name, window=2, position=position)
+    h = torch.randn(B, T, D)
+    x, q, k = (t.view(B, T, H, d).transpose(1, 2) for t in m.in_proj(rms_norm(m, h)).split(D, dim=-1))
+    if position == "rope":
+        cos, sin = rope_cos_sin(torch.arange(T), d)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    y = attention_naive(q, k, x, window=window).transpose(1, 2).reshape(B, T, D)
+    torch.testing.assert_close(m(h), m.out_proj(y) + h, rtol=1e-5, atol=1e-5)
+
+
+def test_rnn_forward_follows_spec():
+    """SPEC §2: in_proj split z, x, g; one recurrence over the whole sequence; sigmoid(z) gate; residual."""
+    m = mixer("rnn")
+    h = torch.randn(B, 13, D)
+    z, x, g = m.in_proj(rms_norm(m, h)).split(D, dim=-1)
+    state = gated_scan_naive(x, torch.sigmoid(g.float() + m.gate_bias.float()))
+    torch.testing.assert_close(m(h), m.out_proj(torch.sigmoid(z) * state) + h, rtol=1e-5, atol=1e-5)
+
+
+def test_ffn_follows_spec():
+    """SPEC §2: RMSNorm, fc1 D -> d_ffn, exact (erf) GELU, fc2, residual, no biases."""
+    m = FFN(config())
+    with torch.no_grad():
+        m.fc1.weight.mul_(8)  # pre-activations of a few units, where tanh-GELU is off by ~1e-3
+        m.norm.weight.uniform_(0.5, 1.5)
+    assert m.fc1.bias is None and m.fc2.bias is None and m.fc1.weight.shape == (4 * D, D)
+    h = torch.randn(B, 5, D)
+    pre = m.fc1(rms_norm(m, h))
+    expected = h + m.fc2(0.5 * pre * (1 + torch.erf(pre / 2**0.5)))
+    torch.testing.assert_close(m(h), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_sliding_window_differs_from_full_attention_only_beyond_the_window():
+    """Same weights: outputs agree for the first W+1 tokens, then differ."""
+    W = 3
+    full, local = mixer("attn"), Attention(config(layers="swa", window=W), window=W).eval()
+    local.load_state_dict(full.state_dict())
+    h = torch.randn(B, 10, D)
+    a, b = full(h), local(h)
+    torch.testing.assert_close(a[:, : W + 1], b[:, : W + 1], rtol=1e-5, atol=1e-6)
+    assert (a[:, W + 1 :] - b[:, W + 1 :]).abs().amax(dim=(0, 2)).min() > 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "name, module, op", [("rat", ratlm.mixers.rat, "rat_mix"), ("rnn", ratlm.mixers.rnn, "gated_scan")]
+)
+def test_gate_is_computed_in_fp32(name, module, op, dtype, monkeypatch):
+    """SPEC §1.3: g = sigmoid(g + gate_bias) in fp32, also with bf16 weights (e.g. a loaded checkpoint)."""
+    m = mixer(name).to(dtype)
+    with torch.no_grad():
+        m.gate_bias.uniform_(0, 3)  # chrono-like biases, where a bf16 sum loses the most
+    seen = {}
+    real = getattr(module, op)
+
+    def spy(*args, **kwargs):
+        seen["g"] = args[3] if name == "rat" else args[1]
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, op, spy)
+    h = torch.randn(B, 7, D).to(dtype)
+    m(h)
+    pre = m.in_proj(m.norm(h)).split(D, dim=-1)[2]  # z, x, g: the third D-slice is the gate
+    expected = torch.sigmoid(pre.float() + m.gate_bias.float()).view(seen["g"].shape)
+    assert seen["g"].dtype == torch.float32
+    torch.testing.assert_close(seen["g"], expected, rtol=0, atol=1e-6)
