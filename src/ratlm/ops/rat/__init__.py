@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from ..backend import fast_path_wanted
 from .cached import rat_mix_cached
 from .masked import chunk_attention_masked, rat_mix_masked
 from .naive import chunk_attention_naive, rat_mix_naive
 
 __all__ = [
     "rat_mix",
+    "rat_mix_check",
     "rat_mix_cached",
     "rat_mix_naive",
     "rat_mix_masked",
@@ -55,7 +57,22 @@ def rat_mix(
         scale: softmax scale, d**-0.5 by default.
     Returns:
         y [B, T, H, d] in v's dtype, to be gated by sigmoid(z) and projected by the mixer.
+
+    CUDA tensors take the GPU path (Triton scan, attention over chunk summaries by cuDNN, Triton or
+    FlexAttention; `ratlm.ops.rat.gpu`) unless `ratlm.ops.backend` says "torch"; see docs/kernels.md.
     """
+    rat_mix_check(q, k, v, g, chunk_size, position)
+    if fast_path_wanted(q, k, v, g):  # CUDA: Triton scan + fused attention (ratlm.ops.backend)
+        from .gpu import rat_mix_gpu_or_none
+
+        y = rat_mix_gpu_or_none(q, k, v, g, chunk_size, position, rope_base, scale)
+        if y is not None:
+            return y
+    return rat_mix_masked(q, k, v, g, chunk_size, position, rope_base, scale)
+
+
+def rat_mix_check(q: Tensor, k: Tensor, v: Tensor, g: Tensor, chunk_size: int, position: str) -> None:
+    """Raise ValueError unless the arguments follow `rat_mix`'s contract."""
     B, T, H, d = v.shape
     if q.shape != k.shape or q.shape[:2] != (B, T) or q.shape[3] != d or H % q.shape[2]:
         raise ValueError(
@@ -67,4 +84,3 @@ def rat_mix(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if position not in ("rope", "nope"):
         raise ValueError(f"position must be 'rope' or 'nope', got {position!r}")
-    return rat_mix_masked(q, k, v, g, chunk_size, position, rope_base, scale)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from ..backend import fallback, fast_path_wanted
 from .chunked import gated_scan_chunked
 from .naive import gated_scan_naive
 
@@ -28,6 +29,8 @@ def gated_scan(
         offset: absolute position of x[:, 0] (for continuing from a cache).
     Returns:
         h [B, T, N] fp32.
+
+    CUDA tensors take the Triton kernel (`ratlm.ops.scan.kernel`) unless `ratlm.ops.backend` says "torch".
     """
     if x.dim() != 3 or g.shape != x.shape:
         raise ValueError(f"x and g must both be [B, T, N]; got {tuple(x.shape)} and {tuple(g.shape)}")
@@ -37,4 +40,11 @@ def gated_scan(
         raise ValueError(
             f"initial_state must be [B, N] = {(x.shape[0], x.shape[2])}, got {tuple(initial_state.shape)}"
         )
+    if fast_path_wanted(x, g):
+        from .kernel import gated_scan_triton, unsupported_reason
+
+        reason = unsupported_reason(x, g, initial_state)
+        if reason is None:
+            return gated_scan_triton(x, g, chunk_size, initial_state, offset)
+        fallback("gated_scan", reason)
     return gated_scan_chunked(x, g, chunk_size, initial_state, offset)

@@ -1,0 +1,71 @@
+"""Which implementation the ops use: the PyTorch reference path or the GPU kernels.
+
+One process-wide setting, read from the environment variable RATLM_BACKEND at import time:
+
+- "auto" (default): CUDA tensors take the fastest GPU path that supports them; everything else, and every
+  combination a GPU path does not support, takes the PyTorch path (the reason is logged at DEBUG level on
+  the "ratlm.ops" logger).
+- "torch": every op takes its PyTorch path, on any device.
+- "cudnn", "flex", "triton": like "auto", but RAT's attention over chunk summaries uses that candidate
+  (cuDNN attention with chunks as heads, FlexAttention, or the fused Triton kernel); when it cannot run
+  the call falls back as "auto" would. Meant for benchmarks and for debugging one candidate.
+
+    >>> from ratlm.ops import backend
+    >>> backend.set_backend("torch")
+    >>> with backend.use_backend("flex"):
+    ...     ...
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from torch import Tensor
+
+BACKENDS = ("auto", "torch", "cudnn", "flex", "triton")
+
+log = logging.getLogger("ratlm.ops")
+
+
+def _check(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {name!r}")
+    return name
+
+
+_backend = _check(os.environ.get("RATLM_BACKEND", "auto").strip().lower() or "auto")
+
+
+def get_backend() -> str:
+    """The current backend name."""
+    return _backend
+
+
+def set_backend(name: str) -> None:
+    """Select the backend for the whole process (one of BACKENDS)."""
+    global _backend
+    _backend = _check(name)
+
+
+@contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Select a backend inside a `with` block, restoring the previous one after it."""
+    previous = get_backend()
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+def fast_path_wanted(*tensors: Tensor) -> bool:
+    """True when the backend allows a GPU path and every tensor lives on a CUDA device."""
+    return _backend != "torch" and all(t.is_cuda for t in tensors)
+
+
+def fallback(op: str, reason: str) -> None:
+    """Record why a call that could have used a GPU path takes the PyTorch path."""
+    log.debug("%s: PyTorch path (%s)", op, reason)

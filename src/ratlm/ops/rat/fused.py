@@ -1,0 +1,88 @@
+"""RAT on the GPU: Triton scan, attention over chunk summaries by an engine, merge with the own state.
+
+Forward: one scan kernel writes the value and key states (keys rotated at the chunk index), the queries
+rotated and tiled to heads as chunks-as-heads queries [B, C, H, L, d], and the chunk summaries; the engine
+(cuDNN, or the PyTorch reference engine) attends over the summaries; a merge kernel folds in the own
+state and overwrites the engine's output and log-sum-exp with the merged ones.
+Backward: one kernel computes the own key's gradients and lays dy out as the engine's queries; the engine's
+backward, given the merged output and log-sum-exp, returns exact summary-part gradients; the scan's
+backward kernel adds everything up, runs the reverse recurrence and sums heads back to key groups.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from torch import Tensor
+
+from .merge import merge_fwd, own_bwd
+from .scan_kernels import rat_scan_bwd, rat_scan_fwd, rope_tables
+
+
+class RatChunkHeadsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, g, L, rope, rope_base, scale, engine):
+        B, T, H, d = v.shape
+        C = triton.cdiv(T, L)
+        dev, dt = v.device, v.dtype
+        cos, sin = rope_tables(C, d, rope_base, dev) if rope else (None, None)
+        qo = torch.empty(B, C, H, L, d, device=dev, dtype=dt)
+        vs, ks = (torch.empty(B, T, H, d, device=dev, dtype=dt) for _ in range(2))
+        vsum, ksum = (torch.empty(B, C, H, d, device=dev, dtype=dt) for _ in range(2))
+        rat_scan_fwd(q, k, v, g, L, rope, cos, sin, qo, "bchld", vs, ks, "bthd", vsum, ksum, "bchd")
+        y = torch.empty(B, T, H, d, device=dev, dtype=dt)
+        o = lse = state = qp = kp = vp = None
+        if C > 1:
+            qp = qo.view(B, C, H * L, d)[:, 1:].transpose(1, 2)  # [B, H*L, C-1, d]
+            kp = ksum[:, : C - 1].transpose(1, 2)  # [B, H, C-1, d]
+            vp = vsum[:, : C - 1].transpose(1, 2)
+            o, lse, state = engine.forward(qp, kp, vp, scale)
+        unit = getattr(engine, "unit", 1.0)
+        merge_fwd(qo, "bchld", vs, ks, "bthd", o, "heads", lse, "heads", unit, y, L, scale)
+        ctx.save_for_backward(k, v, g, qo, vs, ks, vsum, ksum, o, lse)
+        ctx.args = (L, rope, rope_base, scale, engine, state, q.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        k, v, g, qo, vs, ks, vsum, ksum, o, lse = ctx.saved_tensors
+        L, rope, rope_base, scale, engine, state, q_dtype = ctx.args
+        B, T, H, d = v.shape
+        C = triton.cdiv(T, L)
+        cos, sin = rope_tables(C, d, rope_base, v.device) if rope else (None, None)
+        dy = dy if dy.stride(-1) == 1 else dy.contiguous()
+        unit = getattr(engine, "unit", 1.0)
+        dop = None
+        if C > 1:  # padding rows of a partial last chunk must hold zeros, not garbage, for the engine
+            alloc = torch.zeros if T % L else torch.empty
+            dop = alloc(B, C, H, L, d, device=v.device, dtype=v.dtype)
+        dqa, dvs, dks, _ = own_bwd(
+            qo, "bchld", vs, ks, "bthd", o, "heads", lse, "heads", unit, dy, L, scale, dop
+        )
+        dqb = dkp = dvp = None
+        if C > 1:
+            qp = qo.view(B, C, H * L, d)[:, 1:].transpose(1, 2)
+            kp = ksum[:, : C - 1].transpose(1, 2)
+            vp = vsum[:, : C - 1].transpose(1, 2)
+            dopp = dop.view(B, C, H * L, d)[:, 1:].transpose(1, 2)
+            dqb, dkp, dvp = engine.backward(dopp, qp, kp, vp, o, lse, state, scale)
+        dq, dk, dv, dg = rat_scan_bwd(
+            k, v, g, L, rope, cos, sin, dqa, "bthd", dqb, "heads", dvs, dks, "bthd",
+            dvp, dkp, "bhcd", C - 1, q_dtype,
+        )  # fmt: skip
+        return dq, dk, dv, dg, None, None, None, None, None
+
+
+def rat_mix_chunk_heads(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    chunk_size: int,
+    rope: bool,
+    rope_base: float,
+    scale: float,
+    engine,
+) -> Tensor:
+    """RAT's core with the chunks-as-heads engine given (inputs validated by the caller). [B, T, H, d]."""
+    return RatChunkHeadsFunction.apply(q, k, v, g, chunk_size, rope, rope_base, scale, engine)

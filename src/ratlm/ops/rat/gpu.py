@@ -1,0 +1,138 @@
+"""RAT's core on the GPU: input checks, the choice of attention engine, and the public entry point.
+
+Engines for the attention over chunk summaries (all share the Triton scan kernels):
+- "cudnn": chunks as heads through cuDNN's fused attention, merged with the own state by log-sum-exp;
+  fp16/bf16, head width <= 128, checked against PyTorch on a tiny problem before first use.
+- "triton": the fused flash-style Triton kernel whose online softmax starts from the own state.
+- "flex": FlexAttention over [summaries ; own states] with a cached block mask (compiled on CUDA).
+- "torch": chunks as heads with a PyTorch engine: the kernels' plumbing at small sizes, and a reference.
+"auto" takes the first of cudnn, triton, flex that supports the inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..backend import fallback, get_backend
+
+ENGINES = ("auto", "cudnn", "triton", "flex", "torch")
+MAX_CHUNK = 128
+last_engine: str | None = None  # the engine of the latest call, for benchmarks and debugging
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def unsupported_reason(q: Tensor, k: Tensor, v: Tensor, g: Tensor, chunk_size: int) -> str | None:
+    """Why the GPU path cannot take these inputs (None when it can); shapes are checked by the caller."""
+    d = v.shape[3]
+    if not (q.dtype == k.dtype == v.dtype and v.dtype in _FLOATS and g.dtype in _FLOATS):
+        return f"dtypes q {q.dtype}, k {k.dtype}, v {v.dtype}, g {g.dtype}"
+    if d < 8 or d > 256 or d & (d - 1):
+        return f"head width {d} (a power of two from 8 to 256 is needed)"
+    if chunk_size > MAX_CHUNK:
+        return f"chunk size {chunk_size} > {MAX_CHUNK}"
+    if v.shape[1] == 0:
+        return "empty sequence"
+    if len({t.device for t in (q, k, v, g)}) > 1:
+        return "inputs on different devices"
+    return None
+
+
+def _engine_for(name: str, q: Tensor, v: Tensor, chunk_size: int):
+    """(kind, engine object) for an engine name, or None when it cannot take these inputs."""
+    B, T, H, d = v.shape
+    if name == "cudnn":
+        if not v.is_cuda or v.dtype == torch.float32 or d > 128:
+            return None
+        from .engines import cudnn_engine
+
+        engine = cudnn_engine(v.dtype, d, H, chunk_size, v.device)
+        return None if engine is None else ("heads", engine)
+    if name == "torch":
+        from .engines import TorchHeadsEngine
+
+        return "heads", TorchHeadsEngine()
+    if name == "triton":
+        from .flash import flash_supported
+
+        return ("flash", None) if flash_supported(v) else None
+    if name == "flex":
+        return "flex", None
+    raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {name!r}")
+
+
+def rat_mix_triton(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    chunk_size: int,
+    position: str = "rope",
+    rope_base: float = 10000.0,
+    scale: float | None = None,
+    *,
+    engine: str = "auto",
+) -> Tensor:
+    """`ratlm.ops.rat_mix` with the Triton scan kernels and the given attention engine (see ENGINES).
+
+    Same contract as `rat_mix` (q, k [B, T, G, d]; v, g [B, T, H, d]; returns [B, T, H, d] in v's dtype,
+    possibly a non-contiguous view). Runs on CUDA, or on CPU under TRITON_INTERPRET=1 (engines "torch"
+    and "triton"; "flex" forward only). Raises ValueError for inputs or engines that cannot run.
+    """
+    from . import rat_mix_check
+
+    rat_mix_check(q, k, v, g, chunk_size, position)
+    reason = unsupported_reason(q, k, v, g, chunk_size)
+    if reason is not None:
+        raise ValueError(f"rat_mix_triton: {reason}")
+    # the kernels take any strides but a unit one along the head vector (views of a projection have it)
+    q, k, v, g = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, g))
+    d = v.shape[3]
+    scale = d**-0.5 if scale is None else scale
+    global last_engine
+    rope = position == "rope"
+    names = ("cudnn", "triton", "flex") if engine == "auto" else (engine,)
+    for name in names:
+        chosen = _engine_for(name, q, v, chunk_size)
+        if chosen is None:
+            fallback(f"rat_mix engine {name}", "cannot take these inputs")
+            continue
+        kind, obj = chosen
+        if kind == "flex":
+            from .flex import rat_mix_flex
+
+            y = rat_mix_flex(q, k, v, g, chunk_size, rope, rope_base, scale)
+        elif kind == "flash":
+            from .flash import rat_mix_flash
+
+            y = rat_mix_flash(q, k, v, g, chunk_size, rope, rope_base, scale)
+        else:
+            from .fused import rat_mix_chunk_heads
+
+            try:
+                y = rat_mix_chunk_heads(q, k, v, g, chunk_size, rope, rope_base, scale, obj)
+            except RuntimeError as e:  # e.g. cuDNN finding no plan for a size its probe did not cover
+                if engine != "auto":
+                    raise
+                fallback(f"rat_mix engine {name}", f"{type(e).__name__}: {e}")
+                continue
+        last_engine = name
+        return y
+    raise ValueError(f"rat_mix_triton: engine {engine!r} cannot run on these inputs")
+
+
+# a model under torch.compile runs this eagerly: kernel choice, probes and caches are host logic
+@torch.compiler.disable
+def rat_mix_gpu_or_none(q, k, v, g, chunk_size, position, rope_base, scale) -> Tensor | None:
+    """The GPU path when the backend and the inputs allow it, else None (the reason is logged)."""
+    reason = unsupported_reason(q, k, v, g, chunk_size)
+    if reason is not None:
+        fallback("rat_mix", reason)
+        return None
+    backend = get_backend()
+    for engine in dict.fromkeys((backend if backend in ENGINES else "auto", "auto")):
+        try:
+            return rat_mix_triton(q, k, v, g, chunk_size, position, rope_base, scale, engine=engine)
+        except ValueError as e:
+            fallback("rat_mix", str(e))
+    return None

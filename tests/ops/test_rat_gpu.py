@@ -1,0 +1,77 @@
+"""GPU-only checks of RAT's GPU path: every attention engine against the PyTorch path at realistic head
+widths, bf16 with the tolerance rule of STYLE.md and fp32 tightly; also the dispatch of `rat_mix`."""
+
+import pytest
+import torch
+
+from ratlm.ops import backend, rat_mix
+from ratlm.ops.rat import gpu
+from ratlm.ops.rat.masked import rat_mix_masked
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+H = 4
+
+
+def inputs(B, T, G, d, dtype):
+    q, k = (torch.randn(B, T, G, d, device="cuda").to(dtype) for _ in range(2))
+    v = torch.randn(B, T, H, d, device="cuda").to(dtype)
+    g = torch.sigmoid(torch.randn(B, T, H, d, device="cuda") + 1.5)  # fp32 gates, as the mixer's
+    return [t.requires_grad_() for t in (q, k, v, g)]
+
+
+def errors(out, leaves, ref, ref_leaves, weight):
+    """Max abs error of the output and of every gradient against the fp64 reference."""
+    grads = torch.autograd.grad((out.double() * weight).sum(), leaves)
+    grads_ref = torch.autograd.grad((ref * weight).sum(), ref_leaves, retain_graph=True)
+    return [
+        float((a.detach().double() - b).abs().max())
+        for a, b in zip([out, *grads], [ref.detach(), *grads_ref], strict=True)
+    ]
+
+
+@pytest.mark.parametrize("engine", ["cudnn", "triton", "flex"])
+@pytest.mark.parametrize(
+    "L, T, G, d", [(16, 1000, 2, 128), (1, 300, 2, 64), (64, 777, 1, 128), (5, 333, 4, 64)]
+)
+def test_bf16_within_twice_plain_pytorch(engine, L, T, G, d):
+    leaves = inputs(2, T, G, d, torch.bfloat16)
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    ref = rat_mix_masked(*ref_leaves, L)
+    weight = torch.randn_like(ref)
+    errs = errors(gpu.rat_mix_triton(*leaves, L, engine=engine), leaves, ref, ref_leaves, weight)
+    errs_plain = errors(rat_mix_masked(*leaves, L), leaves, ref, ref_leaves, weight)
+    for name, e, e_plain in zip(["y", "dq", "dk", "dv", "dg"], errs, errs_plain, strict=True):
+        assert e <= 2 * e_plain + 1e-6, (name, e, e_plain)
+
+
+@pytest.mark.parametrize("engine", ["triton", "flex"])
+@pytest.mark.parametrize("L, T, position", [(16, 500, "rope"), (3, 100, "nope")])
+def test_fp32_matches_pytorch(engine, L, T, position):
+    leaves = inputs(2, T, 2, 64, torch.float32)
+    out = gpu.rat_mix_triton(*leaves, L, position, engine=engine)
+    ref = rat_mix_masked(*leaves, L, position)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    weight = torch.randn_like(out)
+    grads = torch.autograd.grad((out * weight).sum(), leaves)
+    grads_ref = torch.autograd.grad((ref * weight).sum(), leaves)
+    for name, a, b in zip("qkvg", grads, grads_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3, msg=lambda m, n=name: f"grad {n}: {m}")
+
+
+def test_rat_mix_dispatches_to_the_gpu_and_the_switch_forces_pytorch(monkeypatch):
+    calls = []
+    original = gpu.rat_mix_triton
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("engine"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(gpu, "rat_mix_triton", spy)
+    leaves = [t.detach() for t in inputs(1, 64, 2, 64, torch.bfloat16)]
+    fast = rat_mix(*leaves, 16)
+    assert calls == ["auto"]
+    with backend.use_backend("torch"):
+        slow = rat_mix(*leaves, 16)
+    assert calls == ["auto"]
+    torch.testing.assert_close(fast, slow, rtol=2e-2, atol=2e-2)

@@ -1,0 +1,210 @@
+"""RAT's GPU path (Triton scan + attention engines) against the PyTorch reference; CPU: Triton interpreter.
+
+Engines "torch" (chunks as heads with a PyTorch engine: every kernel of the cuDNN path but cuDNN itself)
+and "triton" (the fused flash-style kernels) run here; FlexAttention has no CPU backward, so its path is
+checked with the scan's autograd function feeding a dense attention, plus one forward through flex.
+"""
+
+import math
+
+import pytest
+import torch
+
+from ratlm.ops import backend, rat_mix
+from ratlm.ops.rat import engines, flash, flex, fused, gpu, merge, scan_kernels
+from ratlm.ops.rat.masked import rat_mix_masked
+
+from .test_rat import rat_reference_fp64
+
+H = 4
+KERNEL_MODULES = (scan_kernels, merge, fused, flash, flex)
+
+
+def inputs(B, T, G, d, device, dtype=torch.float32):
+    q = torch.randn(B, T, G, d, device=device).to(dtype).requires_grad_()
+    k = torch.randn(B, T, G, d, device=device).to(dtype).requires_grad_()
+    v = torch.randn(B, T, H, d, device=device).to(dtype).requires_grad_()
+    g = torch.rand(B, T, H, d, device=device).clamp(0.02, 0.98).requires_grad_()  # fp32, as the mixer's
+    return q, k, v, g
+
+
+def check_outputs_and_grads(out, ref, leaves, rtol=1e-5, atol=1e-5):
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    torch.testing.assert_close(out, ref, rtol=rtol, atol=atol)
+    weight = torch.randn_like(out)
+    grads = torch.autograd.grad((out * weight).sum(), leaves)
+    grads_ref = torch.autograd.grad((ref * weight).sum(), leaves)
+    for name, a, b in zip("qkvg", grads, grads_ref, strict=True):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=10 * rtol, atol=atol, msg=lambda m, n=name: f"grad {n}: {m}")
+
+
+CASES = [  # B, L, T, G, d, position, rope base, scale
+    (2, 4, 14, 2, 16, "rope", 10000.0, None),  # several chunks per tile, partial last chunk
+    (1, 1, 7, 1, 16, "nope", 10000.0, None),  # L = 1: attention on the gated states
+    (1, 16, 9, 2, 16, "rope", 10000.0, None),  # T < L: no summaries at all
+    (1, 5, 23, 4, 32, "rope", 500.0, 0.3),  # odd L, G = H, other base and scale
+]
+
+
+@pytest.mark.parametrize("engine", ["torch", "triton"])
+@pytest.mark.parametrize("B, L, T, G, d, position, base, scale", CASES)
+def test_matches_reference_outputs_and_grads(engine, B, L, T, G, d, position, base, scale, device, poison):
+    poison(*KERNEL_MODULES)
+    leaves = inputs(B, T, G, d, device)
+    out = gpu.rat_mix_triton(*leaves, L, position, base, scale, engine=engine)
+    ref = rat_mix_masked(*leaves, L, position, base, scale)
+    check_outputs_and_grads(out, ref, leaves)
+
+
+@pytest.mark.parametrize("engine", ["torch", "triton"])
+def test_bf16_error_within_twice_plain_pytorch(engine, device):
+    """STYLE's tolerance rule for the output and every gradient: the error against fp64 is at most ~2x that
+    of plain PyTorch in bf16 (the masked path, what `rat_mix` runs on the CPU)."""
+    L, T, G, d = 4, 30, 2, 16
+    leaves = [t.detach().requires_grad_() for t in inputs(1, T, G, d, device, torch.bfloat16)]
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    ref = rat_reference_fp64(*leaves64, L)
+    weight = torch.randn_like(ref)
+    grads_ref = torch.autograd.grad((ref * weight).sum(), leaves64)
+
+    def errors(out):
+        grads = torch.autograd.grad((out.double() * weight).sum(), leaves)
+        return [
+            float((a.detach().double() - b.detach()).abs().max())
+            for a, b in zip([out, *grads], [ref, *grads_ref], strict=True)
+        ]
+
+    errs = errors(gpu.rat_mix_triton(*leaves, L, engine=engine))
+    errs_plain = errors(rat_mix_masked(*leaves, L))
+    for name, e, e_plain in zip(["y", "dq", "dk", "dv", "dg"], errs, errs_plain, strict=True):
+        assert e <= 2 * e_plain, (name, e, e_plain)
+
+
+def test_flex_path_scan_function_with_dense_attention(device, poison):
+    """The flex path's scan (queries and [summaries ; own states] straight into FlexAttention's buffers,
+    and its backward) with a dense masked softmax standing in for FlexAttention."""
+    poison(*KERNEL_MODULES)
+    L, T, G, d = 4, 22, 2, 16
+    leaves = inputs(2, T, G, d, device)
+    mask, Cp = flex.rat_block_mask(T, L, device)
+    qt, kx, vx = flex.RatScanExtFunction.apply(*leaves, L, True, 10000.0, Cp)
+    visible = mask.mask_mod(
+        0, 0, torch.arange(T, device=device)[:, None], torch.arange(Cp + T, device=device)
+    )
+    scores = (qt @ kx.transpose(-1, -2)) * d**-0.5
+    out = (torch.softmax(scores.masked_fill(~visible, float("-inf")), -1) @ vx).transpose(1, 2)
+    check_outputs_and_grads(out, rat_mix_masked(*leaves, L), leaves)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_forward(device):
+    L, T, G, d = 4, 30, 2, 16
+    with torch.no_grad():
+        leaves = [t.detach() for t in inputs(1, T, G, d, device)]
+        out = gpu.rat_mix_triton(*leaves, L, engine="flex")
+        torch.testing.assert_close(out, rat_mix_masked(*leaves, L), rtol=1e-5, atol=1e-5)
+
+
+def dense_blocks(visible, block=128):
+    nq, nk = -(-visible.shape[0] // block), -(-visible.shape[1] // block)
+    padded = torch.zeros(nq * block, nk * block, dtype=torch.bool)
+    padded[: visible.shape[0], : visible.shape[1]] = visible
+    blocks = padded.view(nq, block, nk, block)
+    return blocks.any(3).any(1), blocks.all(3).all(1)
+
+
+@pytest.mark.parametrize("T, L", [(5, 4), (300, 16), (1000, 1), (700, 128), (257, 3)])
+def test_rat_block_mask_structure(T, L):
+    """Every block holding a visible pair is listed, and blocks listed as full are entirely visible."""
+    mask, Cp = flex.rat_block_mask(T, L, "cpu")
+    assert Cp % 128 == 0 and Cp >= math.ceil(T / L)
+    t, j = torch.arange(T)[:, None], torch.arange(Cp + T)[None, :]
+    visible = (j < t // L) | (j == t + Cp)
+    assert torch.equal(mask.mask_mod(0, 0, t, j), visible)
+    any_visible, _ = dense_blocks(visible)
+    listed = mask.to_dense()[0, 0].bool()
+    assert torch.equal(listed, any_visible)
+    n_full = mask.full_kv_num_blocks[0, 0]
+    for qb in range(listed.shape[0]):
+        for kb in mask.full_kv_indices[0, 0, qb, : n_full[qb]].tolist():
+            rows = visible[qb * 128 : (qb + 1) * 128, kb * 128 : (kb + 1) * 128]
+            assert rows.all()
+
+
+def test_cudnn_engine_unavailable_without_cuda():
+    assert engines.cudnn_engine(torch.bfloat16, 16, H, 4, "cpu") is None or torch.cuda.is_available()
+
+
+def test_unsupported_inputs_raise_and_dispatch_falls_back(device):
+    q, k, v, g = (t.detach() for t in inputs(1, 9, 2, 12, device))  # head width 12: not a power of two
+    with pytest.raises(ValueError, match="head width"):
+        gpu.rat_mix_triton(q, k, v, g, 4)
+    assert gpu.rat_mix_gpu_or_none(q, k, v, g, 4, "rope", 10000.0, None) is None
+    q, k, v, g = (t.detach() for t in inputs(1, 9, 2, 16, device))
+    with pytest.raises(ValueError, match="chunk size"):
+        gpu.rat_mix_triton(q, k, v, g, 129)
+    with pytest.raises(ValueError, match="engine"):
+        gpu.rat_mix_triton(q, k, v, g, 4, engine="magic")
+
+
+def test_backend_switch():
+    assert backend.get_backend() in backend.BACKENDS
+    before = backend.get_backend()
+    with backend.use_backend("torch"):
+        assert backend.get_backend() == "torch"
+        assert not backend.fast_path_wanted(torch.zeros(1))
+        with backend.use_backend("flex"):
+            assert backend.get_backend() == "flex"
+        assert backend.get_backend() == "torch"
+    assert backend.get_backend() == before
+    with pytest.raises(ValueError, match="backend must be one of"):
+        backend.set_backend("cuda")
+    assert backend.get_backend() == before
+
+
+def test_cpu_tensors_take_the_torch_path():
+    q, k, v, g = (t.detach() for t in inputs(1, 9, 2, 16, "cpu"))
+    assert not backend.fast_path_wanted(q, k, v, g)
+    torch.testing.assert_close(rat_mix(q, k, v, g, 4), rat_mix_masked(q, k, v, g, 4), rtol=0, atol=0)
+
+
+class CudnnFormatEngine(engines.CudnnHeadsEngine):
+    """cuDNN's output format without cuDNN: log-sum-exp as a [B, H, S, 1] buffer in `true_unit`s
+    (natural log = raw * true_unit), read back by the backward from that buffer, as cuDNN's does."""
+
+    true_unit = math.log(2.0)
+
+    def forward(self, q, k, v, scale):
+        o, lse, _ = engines.TorchHeadsEngine().forward(q, k, v, scale)
+        raw = (lse / self.true_unit)[..., None].contiguous()
+        return o, raw.squeeze(-1), (raw,)
+
+    def backward(self, do, q, k, v, o, lse, state, scale):
+        (raw,) = state
+        return engines.TorchHeadsEngine().backward(
+            do, q, k, v, o, raw.squeeze(-1) * self.true_unit, None, scale
+        )
+
+
+def test_cudnn_probe_finds_the_log_sum_exp_unit_and_the_merge_writes_it_back(device, poison):
+    """The probe detects a log2 statistic; the fused path merges into the engine's own [B, H, S, 1] buffer
+    in its units, which the engine's backward then reads: outputs and gradients stay exact."""
+    poison(*KERNEL_MODULES)
+    engine = engines.cudnn_engine(torch.bfloat16, 16, H, 4, device, make=CudnnFormatEngine)
+    assert engine is not None and engine.unit == pytest.approx(math.log(2.0)) and not engine.expand
+    leaves = inputs(2, 18, 2, 16, device)
+    out = fused.rat_mix_chunk_heads(*leaves, 4, True, 10000.0, 16**-0.5, engine)
+    check_outputs_and_grads(out, rat_mix_masked(*leaves, 4), leaves)
+
+
+def test_inputs_with_any_strides(device):
+    """Views of one projection (as the mixer passes them) and a transposed head vector both work."""
+    B, T, G, d, L = 1, 11, 2, 16, 4
+    proj = torch.randn(B, T, 2 * G * d + H * d, device=device)
+    q, k, v = proj.split([G * d, G * d, H * d], dim=-1)
+    q, k, v = q.view(B, T, G, d), k.view(B, T, G, d), v.view(B, T, H, d)
+    g = torch.rand(B, T, H, d, device=device).transpose(-1, -2).contiguous().transpose(-1, -2)
+    assert q.stride(-1) == 1 and g.stride(-1) != 1
+    out = gpu.rat_mix_triton(q, k, v, g, L, engine="triton")
+    torch.testing.assert_close(out, rat_mix_masked(q, k, v, g, L), rtol=1e-5, atol=1e-5)
