@@ -54,21 +54,29 @@ class LanguageModel(nn.Module):
             elif isinstance(module, (RAT, RNN)):
                 module.init_gate_bias()
 
-    def forward(self, input_ids: Tensor, cache: ModelCache | None = None) -> Tensor:
-        """Logits [B, T, vocab] for input_ids [B, T].
+    def forward(
+        self, input_ids: Tensor, cache: ModelCache | None = None, *, last_only: bool = False
+    ) -> Tensor:
+        """Logits [B, T, vocab] for input_ids [B, T] ([B, 1, vocab] with last_only, all a prefill needs).
 
         Without a cache this is the full (training) forward. With a cache from `new_cache`, the tokens
         continue where the cache stands (a whole prompt, a piece of one, or one token) and the cache is
-        updated in place; the logits equal those of the full forward over everything seen so far.
+        updated in place; the logits equal those of the full forward over everything seen so far. One token
+        per sequence takes the decode path, which reads positions on the device: it may be captured in a
+        CUDA graph (see `ratlm.generation.DecodeStep`) and serves sequences at different positions.
         """
         self._check_ids(input_ids, cache)
         x = self.embed(input_ids)
         states = [None] * len(self.blocks) if cache is None else cache.layers
         for block, state in zip(self.blocks, states, strict=True):
             x = block(x, state)
+        if last_only:
+            x = x[:, -1:]
         return F.linear(self.norm(x), self.embed.weight)
 
     def _check_ids(self, input_ids: Tensor, cache: ModelCache | None) -> None:
+        if torch.compiler.is_compiling():
+            return  # a compiled step's caller checks it (DecodeStep); guards on host counters would recompile
         if (
             not isinstance(input_ids, Tensor)
             or input_ids.dim() != 2
@@ -81,13 +89,19 @@ class LanguageModel(nn.Module):
             raise TypeError("input_ids must be an integer tensor of shape [batch, tokens]")
         if input_ids.shape[1] == 0:
             raise ValueError("input_ids must hold at least one token")
-        lo, hi = int(input_ids.min()), int(input_ids.max())
-        if lo < 0 or hi >= self.config.vocab_size:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
+        # reading the ids' range needs a device sync, which a CUDA graph capture cannot take
+        if not (input_ids.is_cuda and torch.cuda.is_current_stream_capturing()):
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= self.config.vocab_size:
+                bad = lo if lo < 0 else hi
+                raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
         if cache is not None:
             if input_ids.shape[0] != cache.batch_size:
                 raise ValueError(f"input_ids has batch {input_ids.shape[0]}, the cache {cache.batch_size}")
+            if cache.ragged and input_ids.shape[1] > 1:
+                raise ValueError(
+                    "the cache's sequences stand at different positions: feed one token per sequence"
+                )
             cache.check_room(input_ids.shape[1])
 
     def new_cache(
@@ -100,14 +114,15 @@ class LanguageModel(nn.Module):
         """Preallocate the inference state of every layer for batch_size sequences of up to max_len tokens.
 
         dtype is the storage type of cached keys/values (default: the parameters' dtype); recurrent
-        running states are always fp32.
+        running states are always fp32. Layers share one RoPE table per kind of position.
         """
         if batch_size < 1 or max_len < 1:
             raise ValueError(f"batch_size and max_len must be >= 1, got {batch_size} and {max_len}")
         param = self.embed.weight
         device = param.device if device is None else device
         dtype = param.dtype if dtype is None else dtype
-        layers = [b.mixer.new_state(batch_size, max_len, device, dtype) for b in self.blocks]
+        tables: dict = {}
+        layers = [b.mixer.new_state(batch_size, max_len, device, dtype, tables) for b in self.blocks]
         return ModelCache(layers=layers, batch_size=batch_size, max_len=max_len)
 
     def num_params(self) -> int:

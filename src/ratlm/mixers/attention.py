@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..cache import KVState, WindowState
+from ..cache import KVState, WindowState, shared_rope_table
 from ..config import ModelConfig
 from ..ops import apply_rope, attention, rope_cos_sin
+from ..ops.attention.decode import attention_decode
 from .norm import RMSNorm
 
 
@@ -25,7 +26,13 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, state: KVState | WindowState | None = None) -> Tensor:
         B, T, D = x.shape
         H, d = self.n_heads, self.head_dim
-        v, q, k = (t.view(B, T, H, d).transpose(1, 2) for t in self.in_proj(self.norm(x)).split(D, dim=-1))
+        u = self.in_proj(self.norm(x))
+        if state is not None and T == 1:
+            # one token per sequence, its position read on the device: the path a CUDA graph captures
+            v, q, k = (t.view(B, H, d) for t in u[:, 0].split(D, dim=-1))
+            y = attention_decode(q, k, v, state, self.position, self.rope_base)
+            return x + self.out_proj(y.view(B, 1, D))
+        v, q, k = (t.view(B, T, H, d).transpose(1, 2) for t in u.split(D, dim=-1))
         n0 = 0 if state is None else state.seen
         if self.position == "rope":
             cos, sin = rope_cos_sin(torch.arange(n0, n0 + T, device=x.device), d, self.rope_base)
@@ -41,6 +48,7 @@ class Attention(nn.Module):
             y = self._window_step(q, k, v, state)
         if state is not None:
             state.seen = n0 + T
+            state.pos.fill_(n0 + T)
         return x + self.out_proj(y.transpose(1, 2).reshape(B, T, D))
 
     def _window_step(self, q: Tensor, k: Tensor, v: Tensor, state: WindowState) -> Tensor:
@@ -58,11 +66,16 @@ class Attention(nn.Module):
         state.values[:, :, new_slots] = v[:, :, T - keep :].to(state.values.dtype)
         return y
 
-    def new_state(self, batch_size: int, max_len: int, device, dtype) -> KVState | WindowState:
+    def new_state(
+        self, batch_size: int, max_len: int, device, dtype, tables: dict | None = None
+    ) -> KVState | WindowState:
+        """Zeroed state for batch_size sequences of up to max_len tokens; `tables` shares RoPE tables."""
         n = max_len if self.window is None else min(self.window + 1, max_len)
         shape = (batch_size, self.n_heads, n, self.head_dim)
         cls = KVState if self.window is None else WindowState
+        rows = max_len if self.position == "rope" else 0  # a ring buffer still sees max_len positions
         return cls(
             keys=torch.zeros(shape, device=device, dtype=dtype),
             values=torch.zeros(shape, device=device, dtype=dtype),
+            rope=shared_rope_table(tables, rows, self.head_dim, self.rope_base, device),
         )

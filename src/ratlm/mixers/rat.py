@@ -7,9 +7,10 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..cache import RATState
+from ..cache import RATState, shared_rope_table
 from ..config import ModelConfig
 from ..ops import rat_mix, rat_mix_cached
+from ..ops.rat.decode import rat_decode
 from .norm import RMSNorm
 
 
@@ -38,7 +39,10 @@ class RAT(nn.Module):
     def forward(self, x: Tensor, state: RATState | None = None) -> Tensor:
         B, T, D = x.shape
         H, d, G = self.n_heads, self.head_dim, self.n_groups
-        z, v, g, q, k = self.in_proj(self.norm(x)).split([D, D, D, G * d, G * d], dim=-1)
+        u = self.in_proj(self.norm(x))
+        if state is not None and T == 1:
+            return self._step(x, u, state)
+        z, v, g, q, k = u.split([D, D, D, G * d, G * d], dim=-1)
         g = torch.sigmoid(g.float() + self.gate_bias.float()).view(B, T, H, d)
         q, k, v = q.view(B, T, G, d), k.view(B, T, G, d), v.view(B, T, H, d)
         args = (self.chunk_size, self.position, self.rope_base, d**-0.5)
@@ -48,12 +52,27 @@ class RAT(nn.Module):
             y = rat_mix_cached(q, k, v, g, state, *args)
         return x + self.out_proj(torch.sigmoid(z) * y.reshape(B, T, D))
 
-    def new_state(self, batch_size: int, max_len: int, device, dtype) -> RATState:
+    def _step(self, x: Tensor, u: Tensor, state: RATState) -> Tensor:
+        """One token per sequence, its position read on the device: the path a CUDA graph captures."""
+        B, D = x.shape[0], self.d_model
+        H, d, G = self.n_heads, self.head_dim, self.n_groups
+        z, v, g, q, k = u[:, 0].split([D, D, D, G * d, G * d], dim=-1)
+        q, k = q.view(B, G, d), k.view(B, G, d)
+        v, g, z = v.view(B, H, d), g.view(B, H, d), z.view(B, H, d)
+        y = rat_decode(
+            q, k, v, g, self.gate_bias, z, state, self.chunk_size, self.position, self.rope_base, d**-0.5
+        )
+        return x + self.out_proj(y.view(B, 1, D))  # y is already gated by sigmoid(z)
+
+    def new_state(self, batch_size: int, max_len: int, device, dtype, tables: dict | None = None) -> RATState:
+        """Zeroed state for batch_size sequences of up to max_len tokens; `tables` shares RoPE tables."""
         B, H, d = batch_size, self.n_heads, self.head_dim
         C = math.ceil(max_len / self.chunk_size)
+        rope = shared_rope_table(tables, C if self.position == "rope" else 0, d, self.rope_base, device)
         return RATState(
             keys=torch.zeros(B, H, C, d, device=device, dtype=dtype),
             values=torch.zeros(B, H, C, d, device=device, dtype=dtype),
             k_run=torch.zeros(B, H, d, device=device),
             v_run=torch.zeros(B, H, d, device=device),
+            rope=rope,
         )

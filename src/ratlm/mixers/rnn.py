@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..cache import RNNState
+from ..cache import RNNState, advance
 from ..config import ModelConfig
 from ..ops import gated_scan
 from .norm import RMSNorm
@@ -27,16 +27,22 @@ class RNN(nn.Module):
         self.gate_bias.uniform_(1, max(self.context - 1, 1 + 1e-6)).log_()
 
     def forward(self, x: Tensor, state: RNNState | None = None) -> Tensor:
-        D = self.d_model
+        D, T = self.d_model, x.shape[1]
         z, v, g = self.in_proj(self.norm(x)).split(D, dim=-1)
         g = torch.sigmoid(g.float() + self.gate_bias.float())
         if state is None:
             h = gated_scan(v, g)
+        elif T == 1:  # one step, no scan: the same fp32 update, no host-side position (CUDA-graph safe)
+            h = g * state.state[:, None] + (1 - g) * v.float()
+            state.state.copy_(h[:, 0])
+            advance(state)
         else:
             h = gated_scan(v, g, initial_state=state.state, offset=state.seen)
             state.state.copy_(h[:, -1])
-            state.seen += x.shape[1]
+            state.seen += T
+            state.pos.fill_(state.seen)
         return x + self.out_proj(torch.sigmoid(z) * h.to(v.dtype))
 
-    def new_state(self, batch_size: int, max_len: int, device, dtype) -> RNNState:
+    def new_state(self, batch_size: int, max_len: int, device, dtype, tables: dict | None = None) -> RNNState:
+        """Zeroed fp32 state for batch_size sequences (the RNN's state does not grow with max_len)."""
         return RNNState(state=torch.zeros(batch_size, self.d_model, device=device))

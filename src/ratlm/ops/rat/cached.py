@@ -26,6 +26,7 @@ def rat_mix_cached(
     The scan starts from the running state of the current chunk; chunks completed by the new tokens
     write their summaries (keys after RoPE at their chunk index, values) into their cache slots, and
     every query attends to the summaries of all its earlier chunks plus its own running state.
+    A prefill into an empty state on CUDA takes its outputs from `rat_mix`, whose fast kernels need no cache.
     """
     B, T, H, d = v.shape
     L, n0 = chunk_size, state.seen
@@ -33,21 +34,38 @@ def rat_mix_cached(
     vs, ks = scan_states(v, k, g, L, offset=n0, initial=(state.v_run, state.k_run))
     state.v_run.copy_(vs[:, -1])
     state.k_run.copy_(ks[:, -1])
+    state.seen = n0 + T
+    state.pos.fill_(n0 + T)
     vs = vs.to(v.dtype).transpose(1, 2)  # [B, H, T, d]
     ks = ks.to(v.dtype).transpose(1, 2)
-    q = q.repeat(1, 1, H // q.shape[2], 1).transpose(1, 2)
     chunk_ids = (n0 + torch.arange(T, device=v.device)) // L
+    first_end = (L - 1 - n0) % L  # the first new token that closes a chunk
+    ends = torch.arange(min(first_end, T), T, L, device=v.device)
+    if n0 == 0 and v.is_cuda:
+        # a fresh prefill: the outputs from the full-sequence op, the cache from the chunk-end states
+        _store_summaries(state, ks[:, :, ends], vs[:, :, ends], chunk_ids[ends], position, rope_base)
+        from . import rat_mix  # the package's dispatcher, which imports this module
+
+        return rat_mix(q, k, v, g, L, position, rope_base, scale)
+    q = q.repeat(1, 1, H // q.shape[2], 1).transpose(1, 2)
     if position == "rope":
         cos, sin = rope_cos_sin(chunk_ids, d, rope_base)
         q, ks = apply_rope(q, cos, sin), apply_rope(ks, cos, sin)
-    first_end = (L - 1 - n0) % L  # the first new token that closes a chunk
-    if first_end < T:
-        ends = torch.arange(first_end, T, L, device=v.device)
-        slots = (n0 + ends) // L
-        state.keys[:, :, slots] = ks[:, :, ends].to(state.keys.dtype)
-        state.values[:, :, slots] = vs[:, :, ends].to(state.values.dtype)
+    _store_summaries(state, ks[:, :, ends], vs[:, :, ends], chunk_ids[ends], "nope", rope_base)
     c_last = (n0 + T - 1) // L
     k_sum = state.keys[:, :, :c_last].to(q.dtype)
     v_sum = state.values[:, :, :c_last].to(vs.dtype)
-    state.seen = n0 + T
     return chunk_attention_masked(q, ks, vs, k_sum, v_sum, chunk_ids, scale).transpose(1, 2)
+
+
+def _store_summaries(
+    state: RATState, ks: Tensor, vs: Tensor, chunks: Tensor, position: str, rope_base: float
+):
+    """Write the states at chunk ends ([B, H, n, d]) as the summaries of `chunks`, keys rotated if asked."""
+    if chunks.numel() == 0:
+        return
+    if position == "rope":
+        cos, sin = rope_cos_sin(chunks, ks.shape[-1], rope_base)
+        ks = apply_rope(ks, cos, sin)
+    state.keys[:, :, chunks] = ks.to(state.keys.dtype)
+    state.values[:, :, chunks] = vs.to(state.values.dtype)
