@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from ratlm import from_pretrained, preset
-from ratlm.train import IGNORE_INDEX, TrainConfig, lr_at, make_batch, train, unigram_loss
+from ratlm import LanguageModel, from_pretrained, preset
+from ratlm.cli import main
+from ratlm.train import IGNORE_INDEX, TrainConfig, lr_at, make_batch, recipe, train, unigram_loss
 
 
 def test_lr_schedule_warms_up_then_decays_to_min():
@@ -70,3 +71,49 @@ def test_cuda_device_without_cuda_is_a_clear_error(tmp_path):
     cfg = TrainConfig(preset="rat-tiny", out=str(tmp_path / "x"), max_steps=1, device="cuda")
     with pytest.raises(ValueError, match="CUDA is not available"):
         train(cfg)
+
+
+def test_the_1_3b_presets_get_the_paper_optimiser_and_small_ones_keep_the_demo_defaults():
+    paper, demo = recipe("rat-1.3b"), recipe("rat-small")
+    assert (paper.lr, paper.min_lr, paper.warmup, paper.weight_decay) == (8e-4, 1e-6, 0.05, 0.1)
+    assert (paper.beta1, paper.beta2, paper.grad_clip, paper.seq_len) == (0.9, 0.95, 1.0, 4096)
+    assert demo == TrainConfig(preset="rat-small", out="runs/rat-small")
+
+
+def test_flops_per_token_counts_matmuls_and_the_keys_each_mixer_attends_to():
+    from ratlm.metrics import flops_per_token
+
+    cfg = preset("rat-tiny")  # D 64, 2 layers, FFN 256, vocab 257, G 2 of d 32, L 8
+    D, F, V = 64, 256, 257
+    matmuls = 2 * (D * (3 * D + 2 * D) + D * D + 2 * D * F) + V * D
+    for T in (8, 64):
+        keys = sum(t // 8 + 1 for t in range(T)) / T  # earlier chunk summaries + the running state
+        model = LanguageModel(cfg)
+        assert flops_per_token(model, T) == pytest.approx(6 * matmuls + 2 * 12 * D * keys)
+    attn = LanguageModel(preset("attn-small"))
+    assert flops_per_token(attn, 256) - flops_per_token(attn, 128) == pytest.approx(4 * 12 * 256 * 64)
+
+
+def test_training_on_tokenized_shards_from_the_cli(tmp_path, capsys):
+    from ratlm.corpus import load_split
+
+    train_docs, valid_docs = load_split()
+    (tmp_path / "train.txt").write_text(train_docs[0][:100_000])
+    (tmp_path / "valid.txt").write_text(valid_docs[0][:5_000])
+    for split in ("train", "valid"):
+        assert main(["tokenize", str(tmp_path / f"{split}.txt"), "--out", str(tmp_path / split)]) == 0
+    data = ["--data", str(tmp_path / "train"), "--valid-data", str(tmp_path / "valid")]
+    args = "train --preset rat-tiny --max-steps 3 --batch-size 4 --micro-batch 2 --device cpu --seq-len 32"
+    args = [*args.split(), "--final-eval-tokens", "1000", *data]
+    assert main([*args, "--out", str(tmp_path / "run")]) == 0
+    metrics = json.loads((tmp_path / "run" / "train_metrics.json").read_text())
+    assert metrics["val_loss"] < math.log(257) and "sample" not in metrics
+    assert (tmp_path / "run" / "checkpoints" / "step_00000003").is_dir()  # the final checkpoint
+    assert from_pretrained(tmp_path / "run").config == preset("rat-tiny")
+    capsys.readouterr()
+    (tmp_path / "train" / "tokenizer_config.json").unlink()
+    assert main([*args, "--out", str(tmp_path / "run2")]) == 2
+    assert "no tokenizer" in capsys.readouterr().err
+    long = [*args, "--seq-len", "200000", "--tokenizer", "byte", "--out", str(tmp_path / "run3")]
+    assert main(long) == 2
+    assert "longer than the data" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Command line: `ratlm train | generate | info | convert-official`."""
+"""Command line: `ratlm train | tokenize | export | plot | generate | info | convert-official`."""
 
 from __future__ import annotations
 
@@ -35,18 +35,60 @@ def _dtype(name: str | None) -> torch.dtype | None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from .config import preset
-    from .train import TrainConfig, train
+    from .train import DivergedError, recipe, train
 
     overrides = {
         k: getattr(args, k) for k in ("chunk_size", "n_layers", "d_model", "context") if getattr(args, k)
     }
     model_config = preset(args.preset, **overrides)
-    cfg = TrainConfig(preset=args.preset, out=args.out or f"runs/{args.preset}")
-    for f in fields(TrainConfig):
+    cfg = recipe(args.preset)
+    if args.out:
+        cfg.out = args.out
+    # explicit counts win over the recipe's token budgets
+    if args.max_steps is not None:
+        cfg.train_tokens = None
+    if args.batch_size is not None:
+        cfg.global_batch_tokens = None
+    for f in fields(cfg):
         value = getattr(args, f.name, None)
         if value is not None and f.name not in ("preset", "out"):
             setattr(cfg, f.name, value)
-    train(cfg, model_config)
+    try:
+        train(cfg, model_config)
+    except DivergedError as e:
+        print(f"ratlm train: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def cmd_tokenize(args: argparse.Namespace) -> None:
+    from .shards import tokenize
+
+    m = tokenize(
+        args.inputs,
+        args.out,
+        tokenizer=args.tokenizer,
+        text_field=args.text_field,
+        doc_per=args.doc_per,
+        shard_tokens=args.shard_tokens,
+        workers=args.workers,
+        overwrite=args.overwrite,
+    )
+    print(
+        f"{m['tokens']:,} tokens in {m['documents']:,} documents from {len(m['sources'])} file(s) -> "
+        f"{len(m['shards'])} {m['dtype']} shard(s) in {args.out} ({m['tokenizer']})"
+    )
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from .trainckpt import export
+
+    print(f"exported {export(args.run, args.out)}")
+
+
+def cmd_plot(args: argparse.Namespace) -> None:
+    from .plot import plot_run
+
+    print(f"wrote {plot_run(args.run, args.out)}")
 
 
 def _load(args: argparse.Namespace):
@@ -59,7 +101,7 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from .generate import generate
+    from .generation import generate
     from .tokenizer import load_tokenizer
 
     model, _ = _load(args)
@@ -72,6 +114,19 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if any(not p for p in prompts):
         raise UsageError("--prompt must not be empty")
     stop = () if tokenizer.eos_id is None else (tokenizer.eos_id,)
+    stream = len(prompts) == 1 and not args.no_stream
+    shown: list[int] = []
+    printed = [0]  # characters of the completion already on screen
+
+    def show(row: int, token: int) -> None:
+        # decode everything so far: a character may span several tokens
+        shown.append(token)
+        text = tokenizer.decode(shown)
+        print(text[printed[0] :], end="", flush=True)
+        printed[0] = len(text)
+
+    if stream:
+        print(args.prompt[0], end="", flush=True)
     outs = generate(
         model,
         prompts,
@@ -81,7 +136,15 @@ def cmd_generate(args: argparse.Namespace) -> None:
         top_p=args.top_p,
         stop_ids=stop,
         seed=args.seed,
+        repetition_penalty=args.repetition_penalty,
+        stop_strings=args.stop or (),
+        tokenizer=tokenizer,
+        on_token=show if stream else None,
+        cuda_graph=False if args.no_cuda_graph else None,
     )
+    if stream:
+        print(tokenizer.decode(outs[0])[printed[0] :])
+        return
     for prompt, out in zip(args.prompt, outs, strict=True):
         if len(args.prompt) > 1:
             print("=" * 20)
@@ -133,17 +196,48 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train a model on the embedded Shakespeare corpus")
+    p = sub.add_parser("train", help="train a model (embedded corpus, or shards from `ratlm tokenize`)")
     p.add_argument("--preset", default=defaults.preset, help=f"one of: {', '.join(PRESETS)}")
-    p.add_argument("--out", help="output model directory (default runs/PRESET)")
+    p.add_argument("--out", help="run folder: log, checkpoints, final model (default runs/PRESET)")
+    p.add_argument("--data", help="folder of token shards (default: the embedded Shakespeare corpus)")
+    p.add_argument("--valid-data", help="folder of validation shards")
+    p.add_argument("--tokenizer", help="tokenizer (default: the data folder's, or byte-level)")
+    p.add_argument("--ordered", dest="shuffle", action="store_false", default=None, help="no shuffling")
     p.add_argument("--max-steps", type=_positive, help=f"optimizer steps (default {defaults.max_steps})")
-    p.add_argument("--batch-size", type=_positive, help=f"sequences per step (default {defaults.batch_size})")
+    p.add_argument("--train-tokens", type=_positive, help="tokens to train on (sets --max-steps)")
+    p.add_argument("--stop-at", type=_positive, help="leave after this step with a checkpoint (resume later)")
+    p.add_argument(
+        "--batch-size", type=_positive, help=f"global batch in sequences (default {defaults.batch_size})"
+    )
+    p.add_argument("--global-batch-tokens", type=_positive, help="global batch in tokens (sets --batch-size)")
+    p.add_argument(
+        "--micro-batch", type=_positive, help="sequences per forward per rank (default: no accumulation)"
+    )
     p.add_argument("--seq-len", type=_positive, help=f"tokens per sequence (default {defaults.seq_len})")
-    p.add_argument("--lr", type=float, help=f"peak learning rate (default {defaults.lr})")
+    p.add_argument("--lr", type=float, help=f"peak learning rate (default {defaults.lr}; 8e-4 for 1.3B)")
+    p.add_argument("--min-lr", type=float, help="end of the cosine decay")
+    p.add_argument("--warmup", type=float, help="fraction of the steps spent warming up")
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--grad-clip", type=float)
+    p.add_argument(
+        "--parallel", choices=("auto", "none", "ddp", "fsdp"), help="data parallelism (default auto)"
+    )
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), help="auto: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--activation-checkpointing", action="store_true", default=None, help="recompute blocks")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile every block")
+    p.add_argument(
+        "--ckpt-every", type=int, help="steps between checkpoints (default 1000 with --data; 0: never)"
+    )
+    p.add_argument("--keep-checkpoints", type=_positive, help="checkpoints kept (default 3)")
+    p.add_argument("--ckpt-format", choices=("dcp", "full"), help="sharded DCP (default) or one full file")
+    p.add_argument("--resume", help="auto (default: OUT's newest checkpoint), never, or a checkpoint folder")
     p.add_argument(
         "--eval-every", type=int, help=f"steps between validation estimates (default {defaults.eval_every})"
     )
+    p.add_argument("--eval-batches", type=_positive, help="global batches per validation estimate")
     p.add_argument("--final-eval-tokens", type=_positive, help="final validation tokens (default all)")
+    p.add_argument("--tensorboard", action="store_true", default=None, help="also log to OUT/tensorboard")
+    p.add_argument("--peak-tflops", type=float, help="per-GPU peak TFLOP/s for MFU (default 989, H100/H200)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int)
     p.add_argument("--sample-tokens", type=int, help="length of the sample printed at the end (0: none)")
@@ -153,6 +247,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=_positive, help="override the preset's training context")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("tokenize", help="turn text files into token shards for `ratlm train --data`")
+    p.add_argument(
+        "inputs", nargs="+", help=".txt, .jsonl or .parquet files (optionally .gz/.xz/.bz2), or folders"
+    )
+    p.add_argument("--out", required=True, help="output folder (shards, manifest.json, tokenizer)")
+    p.add_argument("--tokenizer", default="byte", help="byte, a SentencePiece .model or a tokenizer.json")
+    p.add_argument("--text-field", default="text", help="JSON field / parquet column holding the text")
+    p.add_argument("--doc-per", choices=("file", "line"), default="file", help="what one .txt document is")
+    p.add_argument("--shard-tokens", type=_positive, default=1 << 28, help="tokens per shard (default 2^28)")
+    p.add_argument("--workers", type=_positive, default=1, help="tokenizer processes")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=cmd_tokenize)
+
+    p = sub.add_parser("export", help="write a model folder from a training run's newest checkpoint")
+    p.add_argument("run", help="run folder, its checkpoints/ folder, or one checkpoint folder")
+    p.add_argument("out", help="output model folder")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("plot", help="draw a run's training curves to a PNG (needs matplotlib)")
+    p.add_argument("run", help="run folder or train_log.jsonl")
+    p.add_argument("--out", help="PNG path (default RUN/train_curves.png)")
+    p.set_defaults(func=cmd_plot)
+
     p = sub.add_parser("generate", help="continue prompts with a trained model")
     p.add_argument("--model", required=True, help="model directory")
     p.add_argument("--prompt", required=True, action="append", help="prompt text (repeat for a batch)")
@@ -161,10 +278,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float)
     p.add_argument("--greedy", action="store_true", help="argmax decoding (same as --temperature 0)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL's; > 1 discourages repeats")
+    p.add_argument("--stop", action="append", help="stop once the output contains this text (repeatable)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokenizer", help="tokenizer (default: the one saved in the model directory)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", help=f"one of {', '.join(DTYPES)} (default: as saved)")
+    p.add_argument("--no-stream", action="store_true", help="print a single prompt's output only at the end")
+    p.add_argument("--no-cuda-graph", action="store_true", help="decode eagerly on CUDA (for debugging)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("info", help="architecture, parameter count and cache size of a model or preset")
@@ -181,6 +302,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="tokenizer to store with the model (e.g. LLaMA's tokenizer.model)")
     p.add_argument("--dtype", help=f"convert the weights to one of {', '.join(DTYPES)}")
     p.set_defaults(func=cmd_convert)
+
+    from .evaluation.cli import add_eval_parser
+
+    add_eval_parser(sub)
+    from .bench.cli import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 
