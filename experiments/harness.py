@@ -1,0 +1,308 @@
+"""What the experiment scripts share: a minimal training loop, FLOP/time estimates and a resumable sweep.
+
+Kept independent of `ratlm.train` on purpose (that module is being rewritten); the only ratlm APIs used are
+`LanguageModel`, `ModelConfig` and `model(input_ids) -> logits`.
+
+A sweep is a list of named configurations. Each finished configuration writes OUT/<name>.json, and a later
+invocation of the same command skips it, so a sweep too long for one GPU session is finished by running the
+same command again. Before starting a configuration the sweep checks that its estimated time still fits in
+`--max-minutes`; a configuration whose training alone outlives that limit is stopped and recorded with status
+"timeout" (so that a re-run does not retry it forever).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+if importlib.util.find_spec("ratlm") is None:  # a checkout without `pip install -e .` (e.g. no network)
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+
+from ratlm import LanguageModel, ModelConfig
+
+IGNORE_INDEX = -100
+
+# Assumed sustained bf16 throughput on one H200 for planning, before any run has been measured. Small models
+# are far from the ~990 TFLOP/s dense peak: these are deliberately pessimistic round numbers. The plain
+# PyTorch scan of RAT and the RNN is a Python loop of small memory-bound kernels, hence its own discount.
+ASSUMED_TFLOPS = {"small": 25.0, "medium": 100.0}  # d_model < 384, d_model >= 384
+SCAN_SLOWDOWN = 2.0  # per layer with a recurrence ("rat", "rnn"), until the fast kernels land
+
+
+class Deadline(Exception):
+    """Raised inside a training loop when the configuration runs out of its time."""
+
+
+@dataclass
+class OptimConfig:
+    steps: int = 1000
+    lr: float = 1e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio
+    warmup: float = 0.05  # fraction of the steps spent warming up linearly
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+
+
+def lr_at(step: int, cfg: OptimConfig) -> float:
+    """Linear warmup to cfg.lr, then cosine decay to cfg.lr * cfg.min_lr_ratio at cfg.steps."""
+    warmup = max(1, round(cfg.warmup * cfg.steps))
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, cfg.steps - warmup))
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; plain fp32 on CPU."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW; matrices (projections, the tied embedding) are decayed, vectors (norms, gate biases) are not."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+def masked_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy over the positions whose target is not IGNORE_INDEX, in fp32 on those rows only."""
+    keep = targets != IGNORE_INDEX
+    return F.cross_entropy(logits[keep].float(), targets[keep], reduction=reduction)
+
+
+def train(
+    model: LanguageModel,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    cfg: OptimConfig,
+    device: torch.device,
+    time_limit_s: float | None = None,
+    log_every: int = 50,
+    on_log: Callable[[int], dict] | None = None,
+    stop: Callable[[dict], bool] | None = None,
+) -> dict:
+    """Train for cfg.steps steps on (input_ids, targets) batches; targets use IGNORE_INDEX for "no loss".
+
+    on_log(step) may return extra numbers (e.g. a validation estimate) that go into that step's log record;
+    stop(record) may end training early at a log step (the schedule is not stretched: it is cut).
+    Raises Deadline if time_limit_s passes before the last step.
+    Returns {"log": [...], "steps": steps run, "train_seconds": ..., "final_train_loss": ...}.
+    """
+    model.train()
+    optimizer = build_optimizer(model, cfg)
+    log, window = [], []
+    start = time.perf_counter()
+    for step in range(cfg.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        x, y = next(batches)
+        with autocast(device):
+            loss = masked_loss(model(x), y)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        window.append(loss.detach())
+        if (step + 1) % log_every == 0 or step + 1 == cfg.steps:
+            mean_loss = torch.stack(window).mean().item()  # one device sync per log interval
+            window = []
+            if not math.isfinite(mean_loss):
+                raise FloatingPointError(f"training loss became {mean_loss} by step {step + 1}")
+            record = {
+                "step": step + 1,
+                "loss": mean_loss,
+                "lr": lr_at(step, cfg),
+                "grad_norm": float(grad_norm),
+                "seconds": time.perf_counter() - start,
+            }
+            if on_log is not None:
+                record.update(on_log(step + 1))
+                model.train()
+            log.append(record)
+            shown = "  ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "step")
+            print(f"  step {step + 1:>6}  {shown}")
+            if time_limit_s is not None and time.perf_counter() - start > time_limit_s:
+                raise Deadline(f"training passed its {time_limit_s:.0f} s limit at step {step + 1}")
+            if stop is not None and stop(record):
+                break
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    return {"log": log, "steps": step + 1, "train_seconds": seconds, "final_train_loss": log[-1]["loss"]}
+
+
+def count_params(cfg: ModelConfig) -> int:
+    """Parameters of LanguageModel(cfg), from the layer shapes of SPEC §1-2 (a test checks it against the
+    model; building the model, even on the meta device, costs seconds on a loaded CPU)."""
+    D, hidden, head = cfg.d_model, cfg.d_ffn, cfg.head_dim
+    mixer = {
+        "attn": 4 * D * D + D,  # in_proj (v, q, k), out_proj, norm
+        "swa": 4 * D * D + D,
+        "rnn": 4 * D * D + 2 * D,  # in_proj (z, x, g), out_proj, norm, gate bias
+        "rat": D * (3 * D + 2 * cfg.n_groups * head) + D * D + 2 * D,  # in_proj (z, x, g, q, k), ...
+    }
+    ffn = 2 * D * hidden + D
+    return cfg.vocab_size * D + D + sum(mixer[m] + ffn for m in cfg.pattern)
+
+
+def match_ffn(cfg: ModelConfig, target_params: int, multiple: int = 32) -> ModelConfig:
+    """cfg with the FFN width (a multiple of `multiple`) that brings its parameter count closest to target."""
+    per_unit = 2 * cfg.d_model * cfg.n_layers  # fc1 and fc2 of every block
+    base = count_params(cfg.replace(d_ffn=multiple)) - per_unit * multiple
+    d_ffn = max(multiple, round((target_params - base) / per_unit / multiple) * multiple)
+    return cfg.replace(d_ffn=d_ffn)
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, train: bool = True) -> float:
+    """Approximate FLOPs per token of a training step (forward + backward), or of a forward pass.
+
+    Matmul parameters cost 6 FLOPs per token (2 forward, 4 backward), logits included. Token mixing is counted
+    as this implementation does it: causal attention through a fused kernel that skips masked blocks (T/2 keys
+    per query on average), sliding-window attention through a dense boolean mask (all T keys), RAT as a dense
+    masked product against all T/L chunk summaries; the recurrences are elementwise and not counted (their
+    cost shows up in SCAN_SLOWDOWN instead).
+    """
+    D, T = cfg.d_model, seq_len
+    matmul = count_params(cfg) - cfg.d_model * (2 * cfg.n_layers + 1)  # all but norm weights ...
+    matmul -= sum(cfg.d_model for m in cfg.pattern if m in ("rat", "rnn"))  # ... and gate biases
+    total = 2.0 * matmul  # the tied embedding counts once: as the logit matmul (the lookup is free)
+    keys = {"attn": T / 2, "swa": T, "rat": T / cfg.chunk_size + 1, "rnn": 0.0}
+    total += sum(4.0 * keys[m] * D for m in cfg.pattern)  # scores and weighted sum, 2 FLOPs per MAC
+    return total * (3.0 if train else 1.0)
+
+
+def estimate_seconds(cfg: ModelConfig, seq_len: int, train_tokens: float, eval_tokens: float = 0.0) -> float:
+    """Planning estimate of GPU seconds on one H200 under ASSUMED_TFLOPS and SCAN_SLOWDOWN."""
+    rate = ASSUMED_TFLOPS["small" if cfg.d_model < 384 else "medium"] * 1e12
+    scan_share = sum(m in ("rat", "rnn") for m in cfg.pattern) / cfg.n_layers
+    slowdown = 1.0 + (SCAN_SLOWDOWN - 1.0) * scan_share
+    flops = flops_per_token(cfg, seq_len) * train_tokens + flops_per_token(cfg, seq_len, False) * eval_tokens
+    return flops / rate * slowdown + 20.0  # plus model build, first-call warm-up, evaluation set-up
+
+
+def environment(device: torch.device) -> dict:
+    info = {"torch": torch.__version__, "python": platform.python_version(), "device": str(device)}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write atomically, so an interrupted run never leaves a half-written result that a re-run would skip."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+@dataclass
+class Job:
+    name: str  # file stem of the result: OUT/<name>.json
+    params: dict  # everything that defines the run (stored in the result)
+    estimate_s: float  # planning estimate of its GPU time
+
+
+def int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def float_list(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x]
+
+
+def str_list(text: str) -> list[str]:
+    return [x for x in text.split(",") if x]
+
+
+def add_sweep_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="directory for the per-configuration JSON results")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    parser.add_argument(
+        "--max-minutes", type=float, default=8.5, help="start no configuration that would end past this"
+    )
+    parser.add_argument("--plan", action="store_true", help="list configurations and estimates only")
+    parser.add_argument("--log-every", type=int, default=100, help="steps between training-log records")
+
+
+def same_params(path: Path, job: Job) -> bool:
+    return json.loads(path.read_text()).get("params") == json.loads(json.dumps(job.params))
+
+
+def run_sweep(jobs: list[Job], run_one: Callable[[Job, float], dict], args: argparse.Namespace) -> int:
+    """Run every job whose result does not exist yet, within args.max_minutes; returns how many remain.
+
+    run_one(job, time_limit_s) trains and evaluates one configuration and returns its result dict.
+    """
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    todo = [job for job in jobs if not (out / f"{job.name}.json").exists()]
+    stale = [job.name for job in jobs if job not in todo and not same_params(out / f"{job.name}.json", job)]
+    if stale:
+        sys.exit(f"{out} holds results of other settings under the same names ({', '.join(stale[:3])}, ...): "
+                 "use another --out, or delete them")  # fmt: skip
+    total_min = sum(job.estimate_s for job in todo) / 60
+    print(
+        f"{len(jobs)} configurations, {len(jobs) - len(todo)} already done, {len(todo)} to run "
+        f"(planning estimate {total_min:.1f} H200 minutes)"
+    )
+    if args.plan:
+        for job in todo:
+            print(f"  {job.name:<40} ~{job.estimate_s / 60:5.1f} min")
+        return len(todo)
+    budget_s = args.max_minutes * 60
+    start = time.perf_counter()
+    scale = 1.0  # measured / estimated time of the slowest job so far: later estimates are scaled by it
+    for i, job in enumerate(todo):
+        elapsed = time.perf_counter() - start
+        if elapsed + job.estimate_s * scale > budget_s:
+            print(f"INCOMPLETE: {len(todo) - i} configurations left; re-run the same command to continue")
+            return len(todo) - i
+        print(f"[{i + 1}/{len(todo)}] {job.name} (estimate {job.estimate_s * scale / 60:.1f} min)")
+        began = time.perf_counter()
+        try:
+            result = {"status": "ok", **run_one(job, budget_s - elapsed)}
+        except Deadline as stop:
+            if elapsed > 0.05 * budget_s:  # it did not have the whole budget: a fresh invocation may fit it
+                print(f"INCOMPLETE: {stop}; re-run the same command to continue")
+                return len(todo) - i
+            print(f"  timeout: {stop}")
+            result = {"status": "timeout", "reason": str(stop)}
+        except (torch.cuda.OutOfMemoryError, FloatingPointError) as err:  # too big, or diverged
+            # recorded, so that a re-run moves on (delete the file to retry); anything else is a bug: raise
+            print(f"  error: {type(err).__name__}: {err}")
+            result = {"status": "error", "reason": f"{type(err).__name__}: {err}"}
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        result = {"name": job.name, "params": job.params, **result}
+        result["wall_seconds"] = time.perf_counter() - began
+        result["estimate_seconds"] = job.estimate_s
+        write_json(out / f"{job.name}.json", result)
+        scale = max(scale, result["wall_seconds"] / job.estimate_s)
+    print("DONE: every configuration has a result")
+    return 0
+
+
+def config_dict(cfg: ModelConfig) -> dict:
+    data = asdict(cfg)
+    data.pop("extra", None)
+    return data

@@ -1,0 +1,204 @@
+"""The experiment scripts (experiments/*.py) end to end at toy sizes, and the parts behind their numbers."""
+
+import json
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+sys.path.insert(0, str(EXPERIMENTS))
+
+import harness  # noqa: E402
+import length  # noqa: E402
+import lm  # noqa: E402
+import mqar  # noqa: E402
+import prepare_corpus  # noqa: E402
+import summarize  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Toy models gain nothing from a second thread, and lose much when other jobs share the CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+TINY_LM = ["--device", "cpu", "--d-model", "32", "--n-layers", "2", "--n-heads", "2", "--batch-size", "2",
+           "--steps", "2", "--log-every", "1", "--eval-every", "1"]  # fmt: skip
+
+
+def test_mqar_examples_pair_each_query_with_its_value():
+    task = mqar.MQARTask(vocab_size=64, seq_len=48, num_pairs=5)
+    batch = mqar.sample_batch(task, 16, torch.Generator().manual_seed(0), torch.device("cpu"))
+    for x, y, pos, dist in zip(batch.inputs, batch.targets, batch.query_pos, batch.distance, strict=True):
+        keys, values = x[0:10:2], x[1:10:2]
+        assert len(set(keys.tolist())) == 5 and len(set(values.tolist())) == 5
+        assert keys.max() < 32 <= values.min() and keys.min() >= 1
+        assert sorted(pos.tolist()) == sorted((y != harness.IGNORE_INDEX).nonzero().flatten().tolist())
+        assert (pos >= 10).all() and (pos % 2 == 0).all()
+        for i, p in enumerate(pos.tolist()):
+            assert x[p] == keys[i] and y[p] == values[i] and dist[i] == p - 2 * i
+        assert (x[10:][y[10:] == harness.IGNORE_INDEX] == 0).all()  # Zoology's figure setting: zero filler
+
+
+def test_mqar_is_reproducible_from_the_seed():
+    task = mqar.MQARTask(vocab_size=64, seq_len=32, num_pairs=4, random_fill=True)
+    cpu = torch.device("cpu")
+    a, b = (mqar.sample_batch(task, 4, torch.Generator().manual_seed(7), cpu) for _ in range(2))
+    assert torch.equal(a.inputs, b.inputs) and torch.equal(a.targets, b.targets)
+    with pytest.raises(ValueError):
+        mqar.MQARTask(vocab_size=64, seq_len=32, num_pairs=9)  # no room for 9 queries
+
+
+class Oracle(nn.Module):
+    """Looks each token up among the key-value pairs at the start: the logits of a perfect recaller."""
+
+    def __init__(self, task: mqar.MQARTask, wrong: bool = False):
+        super().__init__()
+        self.task, self.wrong = task, wrong
+
+    def forward(self, x):
+        K, V = self.task.num_pairs, self.task.vocab_size
+        answer = torch.zeros_like(x)
+        for i in range(K):
+            j = (i + 1) % K if self.wrong else i  # "wrong": the value of the next pair instead
+            answer = torch.where(x == x[:, 2 * i : 2 * i + 1], x[:, 2 * j + 1 : 2 * j + 2], answer)
+        return nn.functional.one_hot(answer, V).float()
+
+
+@pytest.mark.parametrize("wrong, expected", [(False, 1.0), (True, 0.0)])
+def test_mqar_accuracy_counts_exactly_the_queries(wrong, expected):
+    task = mqar.MQARTask(vocab_size=128, seq_len=64, num_pairs=4)
+    result = mqar.evaluate(Oracle(task, wrong), task, 10, 4, 3, torch.device("cpu"))
+    assert result["accuracy"] == expected and result["queries"] == 40
+    assert sum(b["queries"] for b in result["accuracy_by_distance"].values()) == 40
+    assert mqar.evaluate(Oracle(task, wrong), task, 10, 3, 3, torch.device("cpu")) == result  # same test set
+
+
+@pytest.mark.parametrize("layers", ["attn", "swa", "rnn", "rat", "rat,swa"])
+def test_parameter_count_matches_the_model(layers):
+    cfg = harness.ModelConfig(vocab_size=50, d_model=24, n_layers=3, n_heads=4, n_groups=2, d_ffn=40,
+                              layers=layers, window=4)  # fmt: skip
+    assert harness.count_params(cfg) == harness.LanguageModel(cfg).num_params()
+
+
+def test_equal_parameters_across_lm_architectures():
+    args = lm.parse_args(["--out", "unused"])
+    counts = {arch: harness.count_params(lm.model_config(arch, args, 257)) for arch in lm.ARCHS}
+    assert 20e6 < counts["attn"] < 50e6
+    assert all(abs(n / counts["attn"] - 1) < 0.005 for n in counts.values()), counts
+
+
+def test_flop_model_scales_as_each_mixer_should():
+    cfg = harness.ModelConfig(vocab_size=257, d_model=64, n_layers=2, n_heads=2, d_ffn=256, layers="attn")
+    attn = [harness.flops_per_token(cfg, T) for T in (256, 512)]
+    rnn = [harness.flops_per_token(cfg.replace(layers="rnn"), T) for T in (256, 512)]
+    rat = [harness.flops_per_token(cfg.replace(layers="rat", chunk_size=16), T) for T in (256, 512)]
+    assert attn[1] - attn[0] == pytest.approx(3 * 2 * 4 * 128 * 64)  # 2 layers, 128 more keys each
+    assert rnn[0] == rnn[1] and rat[1] - rat[0] == pytest.approx((attn[1] - attn[0]) * 2 / 16)
+
+
+def test_sweep_stops_before_the_deadline_and_records_timeouts(tmp_path, capsys):
+    args = Namespace(out=str(tmp_path), plan=False, max_minutes=1.0)
+    ran = []
+
+    def run_one(job, limit):
+        ran.append(job.name)
+        if job.name == "slow":
+            raise harness.Deadline("too slow")
+        if job.name == "broken":
+            raise FloatingPointError("training loss became nan")
+        return {"value": 1}
+
+    names = {"slow": 1.0, "broken": 1.0, "fast": 1.0, "huge": 3600.0}
+    jobs = [harness.Job(name, {}, estimate) for name, estimate in names.items()]
+    assert harness.run_sweep(jobs, run_one, args) == 1
+    assert ran == ["slow", "broken", "fast"] and "INCOMPLETE" in capsys.readouterr().out
+    assert json.loads((tmp_path / "slow.json").read_text())["status"] == "timeout"
+    assert json.loads((tmp_path / "broken.json").read_text())["status"] == "error"
+    assert json.loads((tmp_path / "fast.json").read_text())["value"] == 1
+    assert not (tmp_path / "huge.json").exists()
+    assert harness.run_sweep(jobs, run_one, args) == 1 and ran[3:] == []  # the three results are kept
+
+
+def test_mqar_script_end_to_end_and_resumes(tmp_path, capsys):
+    argv = ["--out", str(tmp_path), "--device", "cpu", "--archs", "attn,rat-l16,rnn,rat-swa", "--seq-lens",
+            "32", "--kv-pairs", "2", "--vocab", "64", "--d-model", "16", "--n-layers", "2", "--steps", "2",
+            "--min-batch", "2", "--tokens-per-step", "64", "--test-examples", "4", "--window", "8",
+            "--log-every", "1"]  # fmt: skip
+    assert mqar.main(argv) == 0
+    files = sorted(p.name for p in tmp_path.glob("*.json"))
+    assert files == [f"{a}_T32_K2_lr0.001_s0.json" for a in ("attn", "rat-l16", "rat-swa", "rnn")]
+    result = json.loads((tmp_path / files[0]).read_text())
+    assert result["status"] == "ok" and 0.0 <= result["accuracy"] <= 1.0 and result["queries"] == 8
+    assert len(result["log"]) == 2 and "probe_accuracy" in result["log"][0]
+    capsys.readouterr()
+    mqar.main(argv)
+    assert "4 already done, 0 to run" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="results of other settings"):
+        mqar.main([*argv, "--d-model", "32"])
+
+
+def fake_sources(root: Path) -> tuple[Path, Path]:
+    """A 66-book King James jsonl and a folder of Gutenberg texts, a few lines each."""
+    books = [*prepare_corpus.KJV_VALIDATION, *(f"Book {i}" for i in range(62))]
+    lines = [json.dumps({"book": b, "chapter": 1, "verse": v, "text": f"Verse {v} of {b}."})
+             for b in books for v in (1, 2)]  # fmt: skip
+    (root / "kjv.jsonl").write_text("\n".join(lines) + "\n")
+    texts = root / "gutenberg"
+    texts.mkdir()
+    (texts / "austen-persuasion.txt").write_text("[Persuasion]\r\n\r\nSir Walter Elliot.  \r\n")
+    (texts / "melville-moby_dick.txt").write_bytes("Call me Ishmael. Bruneti\xe8re.\n".encode("latin-1"))
+    (texts / "shakespeare-hamlet.txt").write_text("skipped: already in the Shakespeare source")
+    (texts / "chesterton-ball.txt").write_text("The end.\n\nEnd of Project Gutenberg's The Ball\nlicence\n")
+    return root / "kjv.jsonl", texts
+
+
+def test_corpus_lm_length_and_summary_end_to_end(tmp_path):
+    kjv, texts = fake_sources(tmp_path)
+    data = tmp_path / "corpus"
+    sources = ["--kjv", str(kjv), "--gutenberg", str(texts)]
+    prepare_corpus.main(["--out", str(data), *sources, "--limit-chars", "3000"])
+    meta = json.loads((data / "meta.json").read_text())
+    assert meta["vocab_size"] == 257 and [s["name"] for s in meta["sources"]] == [
+        "shakespeare", "king_james_bible", "nltk_gutenberg"]  # fmt: skip
+    assert meta["sources"][2]["documents"] == 3 and meta["sources"][1]["validation_documents"][0] == "Ruth"
+    valid = (data / "valid.bin").read_bytes()
+    assert "Persuasion".encode("utf-16-le") in valid  # a held-out work; uint16 little-endian tokens
+    assert "Gutenberg" not in (data / "train.bin").read_bytes()[::2].decode("latin-1")  # footer cut
+
+    lm_out, length_out = tmp_path / "lm", tmp_path / "length"
+    lm.main(["--out", str(lm_out), "--data", str(data), "--seeds", "0", "--seq-len", "32", *TINY_LM])
+    results = [json.loads(p.read_text()) for p in sorted(lm_out.glob("*.json"))]
+    assert sorted(r["params"]["arch"] for r in results) == sorted(lm.ARCHS)
+    for r in results:
+        assert r["status"] == "ok" and 0 < r["val_bits_per_byte"] < 12 and r["val_perplexity"] > 1
+    length.main(
+        [
+            "--out",
+            str(length_out),
+            "--data",
+            str(data),
+            "--seq-len",
+            "16",
+            "--eval-multiples",
+            "1,2",
+            *TINY_LM,
+        ]
+    )
+    result = json.loads((length_out / "rat-swa-nope_N16_s0.json").read_text())
+    assert set(result["by_length"]) == {"16", "32"} and len(result["per_position_longest"]) == 32
+    assert result["model_config"]["position"] == "nope" and result["model_config"]["window"] == 4
+
+    doc = tmp_path / "results.md"
+    doc.write_text((EXPERIMENTS.parent / "docs" / "results.md").read_text())
+    summarize.main(["--lm", str(lm_out), "--length", str(length_out), "--doc", str(doc), "--no-plots"])
+    text = doc.read_text()
+    assert "| rat-swa | " in text and "ppl @ 32 (2N)" in text
+    assert "*Not yet run.* No results in `--mqar`" in text  # the MQAR section keeps its placeholder
