@@ -36,9 +36,13 @@ def atomic_directory(directory: str | Path, write: Callable[[Path], None]) -> Pa
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         write(tmp)
+        umask = _umask()
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; a saved model should be as readable as any file
         for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+            if f.is_file():
+                f.chmod(0o666 & ~umask)
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
         old = None
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
@@ -50,6 +54,12 @@ def atomic_directory(directory: str | Path, write: Callable[[Path], None]) -> Pa
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def save_pretrained(model: LanguageModel, directory: str | Path, tokenizer=None) -> Path:

@@ -77,21 +77,14 @@ class LanguageModel(nn.Module):
     def _check_ids(self, input_ids: Tensor, cache: ModelCache | None) -> None:
         if torch.compiler.is_compiling():
             return  # a compiled step's caller checks it (DecodeStep); guards on host counters would recompile
-        if (
-            not isinstance(input_ids, Tensor)
-            or input_ids.dim() != 2
-            or input_ids.dtype
-            not in (
-                torch.int32,
-                torch.int64,
-            )
-        ):
+        integer = isinstance(input_ids, Tensor) and input_ids.dtype in (torch.int32, torch.int64)
+        if not integer or input_ids.dim() != 2:
             raise TypeError("input_ids must be an integer tensor of shape [batch, tokens]")
         if input_ids.shape[1] == 0:
             raise ValueError("input_ids must hold at least one token")
         # reading the ids' range needs a device sync, which a CUDA graph capture cannot take
         if not (input_ids.is_cuda and torch.cuda.is_current_stream_capturing()):
-            lo, hi = int(input_ids.min()), int(input_ids.max())
+            lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()  # one device sync for both
             if lo < 0 or hi >= self.config.vocab_size:
                 bad = lo if lo < 0 else hi
                 raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")

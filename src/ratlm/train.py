@@ -54,7 +54,7 @@ class TrainConfig:
     batch_size: int = 16  # sequences per optimizer step, over all ranks (the global batch)
     global_batch_tokens: int | None = None  # if set, batch_size = global_batch_tokens // seq_len
     micro_batch: int | None = None  # sequences per forward on one rank (None: batch_size / ranks)
-    max_steps: int = 400
+    max_steps: int = 300
     train_tokens: int | None = None  # if set, max_steps = train_tokens // tokens per step
     stop_at: int | None = None  # leave after this step with a checkpoint, as if interrupted
     # optimiser: AdamW, linear warmup, cosine to min_lr, clipping

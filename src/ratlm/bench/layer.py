@@ -607,7 +607,21 @@ def summary(bench: LayerBench) -> str:
     return "\n".join(lines)
 
 
-def plot(bench: LayerBench) -> Path | None:
+_STYLES = {"cudnn": "-", "triton": "--", "flex": ":", "torch": "-."}
+_COLORS = {16: "tab:red", 64: "tab:blue", 128: "tab:green"}
+_BASELINES = {
+    "attention": ("attention (SDPA)", "black"),
+    "swa": ("sliding window 1024", "tab:gray"),
+    "rnn": ("RNN", "tab:brown"),
+}
+
+
+def plot_rows(rows: list[dict], modes: list[str], tokens: int, path: Path) -> Path | None:
+    """Figure 3 of the paper from timing rows: one panel per mode, ms per call against T (log-log).
+
+    Colour is the layer (RAT's chunk size, or the baseline), line style RAT's attention engine. Rows may
+    carry a "series" suffix (e.g. a later run) that is appended to their label.
+    """
     try:
         import matplotlib
 
@@ -615,33 +629,46 @@ def plot(bench: LayerBench) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    rows = [r for r in bench.results if r.get("kind") == "time" and r.get("status") == "ok"]
-    rows = [r for r in rows if r["layer"] != "rat-core"]  # whole layers only, as in the paper
-    fig, axes = plt.subplots(1, len(bench.modes), figsize=(6 * len(bench.modes), 4.5), squeeze=False)
-    for ax, mode in zip(axes[0], bench.modes, strict=True):
-        series: dict[str, list[tuple[int, float]]] = {}
+    rows = [
+        r for r in rows if r.get("kind") == "time" and r.get("status") == "ok" and r["layer"] != "rat-core"
+    ]
+    fig, axes = plt.subplots(1, len(modes), figsize=(6.5 * len(modes), 5), squeeze=False)
+    for ax, mode in zip(axes[0], modes, strict=True):
+        series: dict[str, tuple[list, dict]] = {}
         for r in rows:
-            if r["mode"] == mode:
-                name = {"attention": "attention (SDPA)", "swa": "sliding window 1024", "rnn": "RNN"}.get(
-                    r["layer"]
-                )
-                name = name or f"RAT L={r['L']} ({r['candidate']})"
-                series.setdefault(name, []).append((r["T"], r["ms"]))
-        for name, pts in sorted(series.items()):
+            if r["mode"] != mode:
+                continue
+            if r["layer"] in _BASELINES:
+                label, color = _BASELINES[r["layer"]]
+                style = {"color": color, "linestyle": "-", "linewidth": 2.0}
+            else:
+                label = f"RAT L={r['L']} ({r['candidate']})"
+                style = {
+                    "color": _COLORS.get(r["L"], "tab:purple"),
+                    "linestyle": _STYLES.get(r["candidate"], "-"),
+                }
+            if r.get("series"):
+                label += f", {r['series']}"
+                style = {**style, "marker": "s", "linestyle": "none", "markersize": 8, "fillstyle": "none"}
+            series.setdefault(label, ([], style))[0].append((r["T"], r["ms"]))
+        for label, (pts, style) in sorted(series.items()):
             pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label, **{"marker": "o", **style})
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_xlabel(f"sequence length T ({bench.tokens} tokens per call)")
+        ax.set_xlabel(f"sequence length T ({tokens} tokens per call)")
         ax.set_ylabel("ms per call")
         ax.set_title(f"one layer, {'forward + backward' if mode == 'train' else 'prefill (forward)'}")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    path = bench.out / "bench_layer.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot(bench: LayerBench) -> Path | None:
+    return plot_rows(bench.results, bench.modes, bench.tokens, bench.out / "bench_layer.png")
 
 
 def run(bench: LayerBench) -> int:

@@ -201,17 +201,24 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def plan_splits(bh: int, num_slots: int, half: int, device: torch.device, config: dict | None = None):
+def plan_splits(
+    bh: int,
+    num_slots: int,
+    half: int,
+    device: torch.device,
+    config: dict | None = None,
+    block_n: int | None = None,
+):
     """(splits, slots per split, BLOCK_N, num_warps) for B*H = bh queries over `num_slots` cache slots.
 
     Enough programs to fill the card: one per (sequence, head) when there are many, otherwise split the slots
     (at least two tiles per split) until about four programs per multiprocessor. Tiles of 16 slots on two
     warps keep a d=128 program near 100 registers (no spills with Triton 3.6 or 3.9), so many programs
     share a multiprocessor and keep loads in flight. `config` overrides any of "splits", "block_n",
-    "num_warps" (benchmarks use it to compare settings).
+    "num_warps" (benchmarks use it to compare settings); `block_n` is the caller's default tile.
     """
     config = {**OVERRIDES, **(config or {})}
-    block_n = config.get("block_n") or (16 if half >= 64 else 32)
+    block_n = config.get("block_n") or block_n or (16 if half >= 64 else 32)
     num_warps = config.get("num_warps") or 2
     splits = config.get("splits")
     if splits is None:

@@ -127,7 +127,9 @@ def rat_decode_triton(
     keys, values = state.keys, state.values
     C = keys.shape[2]
     half = d // 2
-    splits, split_len, block_n, num_warps = plan_splits(B * H, C, half, v.device, config)
+    # tiles of 32 summaries: 0.36 vs 0.45 ms (T 4096, B 512) and 59 vs 70 us (T 131072, B 1) against 16 on
+    # the H200 (benchmarks/results/bench_decode-h200-2026-11-29.jsonl, rows with tiling (32, 2))
+    splits, split_len, block_n, num_warps = plan_splits(B * H, C, half, v.device, config, block_n=32)
     stats, acc = split_workspace(B * H, splits, d, v.device)
     rope = state.rope if position == "rope" else stats  # any pointer when unused
     out = torch.empty(B, H, d, dtype=v.dtype, device=v.device)
