@@ -5,6 +5,8 @@ slices with it and room checks read it. `pos` is a [B] int64 tensor on the state
 sequence: the one-token decode kernels read it, so a single CUDA graph serves every step, and sequences may
 stand at different positions (prompts of different lengths, each prefilled on its own). Both move together;
 while rows differ, `seen` is the largest row position.
+
+The second half plans memory: `plan_batch` sizes the largest batch whose caches and activations fit.
 """
 
 from __future__ import annotations
@@ -87,6 +89,12 @@ def advance(state: LayerState, n: int = 1) -> None:
     state.pos.add_(n)
     if not torch.compiler.is_compiling():
         state.seen += n
+
+
+def move_to(state: LayerState, n: int) -> None:
+    """Put every sequence of a state at position n: the host counter and the device one."""
+    state.seen = n
+    state.pos.fill_(n)
 
 
 _SHARED = ("seen", "pos", "rope")  # not per-sequence storage
@@ -190,13 +198,6 @@ class ModelCache:
         self.ragged = len(set(positions)) > 1
 
 
-# ------------------------------------------------------------------------------------------ memory planning
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty(0, dtype=dtype).element_size()
-
-
 def cache_bytes_per_sequence(model, max_len: int, dtype: torch.dtype | None = None) -> int:
     """Bytes of inference state one sequence of up to max_len tokens takes: new_cache's storage per row."""
     return model.new_cache(1, max_len, device="meta", dtype=dtype).nbytes
@@ -213,7 +214,7 @@ def decode_bytes_per_sequence(config, dtype: torch.dtype) -> int:
     Counts every intermediate of the widest layer as alive at once (a CUDA graph's pool keeps a step's
     intermediates); sampling's fp32 logits, softmax and top-p sort dominate.
     """
-    e, D, F, V = _itemsize(dtype), config.d_model, config.d_ffn, config.vocab_size
+    e, D, F, V = dtype.itemsize, config.d_model, config.d_ffn, config.vocab_size
     layer = D * (4 * e + 8) + _in_proj_width(config) * e + 2 * F * e
     sampling = V * (e + 32)
     return int(1.25 * (layer + sampling))
@@ -226,7 +227,7 @@ def prefill_bytes_per_token(config, dtype: torch.dtype, prompt_len: int) -> int:
     its [2D] states and the masked chunk attention a few [H, C] score rows per token; sliding-window
     attention with an explicit mask may fall back to scores [H, T] per token.
     """
-    e, D, F, H = _itemsize(dtype), config.d_model, config.d_ffn, config.n_heads
+    e, D, F, H = dtype.itemsize, config.d_model, config.d_ffn, config.n_heads
     layer = D * (2 * e + 12) + _in_proj_width(config) * e + 2 * F * e
     mixers = set(config.pattern)
     extra = 0

@@ -35,8 +35,8 @@ def sample_next(
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop = cum - sorted_logits.softmax(dim=-1) >= top_p  # keep the smallest prefix reaching top_p
+        probs = sorted_logits.softmax(dim=-1)
+        drop = probs.cumsum(dim=-1) - probs >= top_p  # keep the smallest prefix reaching top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(dim=-1)
@@ -75,6 +75,8 @@ def prefill(
         raise ValueError("prefill needs an empty cache (see ModelCache.reset)")
     if len(prompts) != cache.batch_size or any(len(p) == 0 for p in prompts):
         raise ValueError(f"need {cache.batch_size} non-empty prompts, got {[len(p) for p in prompts]}")
+    if rows_per_call is not None and rows_per_call < 1:
+        raise ValueError(f"rows_per_call must be >= 1 or None (all rows), got {rows_per_call}")
     device = model.embed.weight.device
     B, lens = len(prompts), [len(p) for p in prompts]
     cache.check_room(max(lens))

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .cache import ModelCache
-from .config import ModelConfig
+from .config import MIXERS, ModelConfig
 from .mixers import FFN, RAT, RNN, Attention, RMSNorm
 
 
@@ -20,7 +20,7 @@ def make_mixer(name: str, cfg: ModelConfig) -> nn.Module:
         return Attention(cfg, window=cfg.window)
     if name == "rnn":
         return RNN(cfg)
-    raise ValueError(f"unknown mixer {name!r}")
+    raise ValueError(f"mixer must be one of {', '.join(MIXERS)}, got {name!r}")
 
 
 class Block(nn.Module):
@@ -77,9 +77,13 @@ class LanguageModel(nn.Module):
     def _check_ids(self, input_ids: Tensor, cache: ModelCache | None) -> None:
         if torch.compiler.is_compiling():
             return  # a compiled step's caller checks it (DecodeStep); guards on host counters would recompile
-        integer = isinstance(input_ids, Tensor) and input_ids.dtype in (torch.int32, torch.int64)
-        if not integer or input_ids.dim() != 2:
-            raise TypeError("input_ids must be an integer tensor of shape [batch, tokens]")
+        if not isinstance(input_ids, Tensor):
+            raise TypeError(f"input_ids must be a tensor, got {type(input_ids).__name__}")
+        if input_ids.dtype not in (torch.int32, torch.int64) or input_ids.dim() != 2:
+            raise TypeError(
+                "input_ids must be an int32 or int64 tensor of shape [batch, tokens], got "
+                f"{input_ids.dtype} {tuple(input_ids.shape)}"
+            )
         if input_ids.shape[1] == 0:
             raise ValueError("input_ids must hold at least one token")
         # reading the ids' range needs a device sync, which a CUDA graph capture cannot take

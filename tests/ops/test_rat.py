@@ -247,8 +247,11 @@ def test_bad_shapes_raise(q_shape, k_shape, v_shape, g_shape):
         rat_mix(torch.randn(q_shape), torch.randn(k_shape), torch.randn(v_shape), torch.rand(g_shape), 4)
 
 
-@pytest.mark.parametrize("chunk_size, position", [(0, "rope"), (-1, "rope"), (4, "alibi")])
+@pytest.mark.parametrize("chunk_size, position", [(0, "rope"), (-1, "rope"), (4, "alibi"), (4, "Rope")])
 def test_bad_options_raise(chunk_size, position):
     q, k, v, g = inputs(5, 2, 8)
     with pytest.raises(ValueError):
         rat_mix(q, k, v, g, chunk_size, position)
+    # the cached path too, which once took any position but "rope" for "nope"
+    with pytest.raises(ValueError, match="chunk_size" if chunk_size < 1 else "position"):
+        rat_mix_cached(q, k, v, g, new_rat_state(5, 4, 8), chunk_size, position)

@@ -38,7 +38,17 @@ from pathlib import Path
 
 import torch
 
-from ..cache import KVState, RATState, WindowState, free_bytes, plan_batch, rope_table
+from ..cache import (
+    KVState,
+    RATState,
+    WindowState,
+    free_bytes,
+    move_to,
+    plan_batch,
+    rope_table,
+    row_tensors,
+    state_nbytes,
+)
 from ..config import ModelConfig, preset
 from ..generation import DecodeStep, prefill
 from ..model import LanguageModel, make_mixer
@@ -58,7 +68,6 @@ TARGETS = {
     "rat-1.3b tokens/s": 80000, "rat-swa-1.3b tokens/s": 40000,
 }  # fmt: skip
 TILINGS = [(32, 2), (32, 4), (16, 4), (64, 4)]  # (BLOCK_N, num_warps) tried beside the default on headlines
-STATE_TENSORS = ("keys", "values", "k_run", "v_run", "state")
 
 
 @dataclass
@@ -162,9 +171,8 @@ def build(name: str, scale: Scale) -> LanguageModel:
 def randomise(states) -> None:
     """Random numbers in every cached tensor: timing never runs on zeros."""
     for s in states:
-        for f in STATE_TENSORS:
-            if hasattr(s, f):
-                getattr(s, f).normal_()
+        for attr in row_tensors(s):
+            getattr(s, attr).normal_()
 
 
 def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -206,9 +214,6 @@ def warm_up(fn, n: int = 2) -> None:
     torch.cuda.current_stream().wait_stream(side)
 
 
-# ------------------------------------------------------------------------------------------------ check
-
-
 def kernels_runnable(device: str) -> str | None:
     """Why the Triton kernels cannot run here, or None."""
     try:
@@ -248,8 +253,7 @@ def check_kernels(run: Run) -> None:
 
     def compare(case, out, state, twin_out, twin_state, ref_out, ref_state):
         err, err_twin = rel_err(out, ref_out), rel_err(twin_out, ref_out)
-        names = [n for n in STATE_TENSORS if hasattr(state, n)]
-        state_errs = {n: rel_err(getattr(state, n).float(), getattr(ref_state, n)) for n in names}
+        state_errs = {n: rel_err(getattr(state, n), getattr(ref_state, n)) for n in row_tensors(state)}
         # Triton's CPU interpreter rounds fp32 to bf16 by truncation (a GPU to nearest): twice the error
         ok = err <= (2 if dev == "cuda" else 4) * err_twin + 1e-3 and all(
             e < 2e-2 for e in state_errs.values()
@@ -271,14 +275,8 @@ def check_kernels(run: Run) -> None:
             k_run, v_run = torch.randn(B, H, d, device=dev), torch.randn(B, H, d, device=dev)
             rope = rope_table(C, d, 10000.0, dev)
             state = RATState(randn(B, H, C, d), randn(B, H, C, d), k_run, v_run, max(positions), pos, rope)
-            args = [
-                randn(B, G, d),
-                randn(B, G, d),
-                randn(B, H, d),
-                randn(B, H, d),
-                torch.randn(H * d, device=dev),
-            ]
-            args.append(randn(B, H, d))
+            args = [randn(B, G, d), randn(B, G, d), randn(B, H, d), randn(B, H, d)]  # q, k, v, g
+            args += [torch.randn(H * d, device=dev), randn(B, H, d)]  # gate_bias, z
             twin_state, ref_state = copy.deepcopy(state), fp32(state)
             config = None if splits is None else dict(splits=splits)
             out = rat_decode_triton(*args, state, L, config=config)
@@ -340,9 +338,6 @@ def check_model(run: Run) -> None:
         run.line("check", case, f"{status} graph==eager {same}, vs full forward {max(errs):.1e}")
 
 
-# ------------------------------------------------------------------------------------------------ layer
-
-
 def layer_case(run: Run, name: str, T: int, B: int, tiling=None, eager: bool = True) -> None:
     from ..ops.attention import decode_triton
 
@@ -351,7 +346,7 @@ def layer_case(run: Run, name: str, T: int, B: int, tiling=None, eager: bool = T
     extra = 1100  # positions the timed steps may use
     case = f"{name} T{T} B{B}" + (f" tile{tiling}" if tiling else "")
     meta = make_mixer(name, cfg).new_state(B, T + extra, "meta", torch.bfloat16)
-    need = sum(getattr(meta, f).nbytes for f in STATE_TENSORS if hasattr(meta, f))
+    need = state_nbytes(meta)
     free = free_bytes(dev) if scale.free is None else scale.free
     if need > free - 4 * 2**30 and scale.free is None:
         reason = f"cache needs {need / 2**30:.1f} GiB, {free / 2**30:.1f} free"
@@ -363,8 +358,7 @@ def layer_case(run: Run, name: str, T: int, B: int, tiling=None, eager: bool = T
         mixer.init_gate_bias()
     state = mixer.new_state(B, T + extra, dev, torch.bfloat16)
     randomise([state])
-    state.seen = T
-    state.pos.fill_(T)
+    move_to(state, T)
     x = torch.randn(B, 1, cfg.d_model, device=dev, dtype=torch.bfloat16)
     decode_triton.OVERRIDES.clear()
     if tiling:
@@ -420,9 +414,6 @@ def phase_layer(run: Run, quick: bool, budget_s: float) -> None:
     for (name, T, B), tiling in tilings:
         if run.elapsed() < end:
             run.guarded("layer", f"{name} T{T} B{B} tile{tiling}", layer_case, run, name, T, B, tiling, False)
-
-
-# ------------------------------------------------------------------------------------------------ 1.3B models
 
 
 def phase_latency(run: Run, models: list[str], budget_s: float) -> None:
@@ -540,11 +531,10 @@ def throughput_run(run: Run, name, model, budget_s: float, sampled: bool, full_p
             prefill_all_s = prefill_s + timed(the_rest)
         else:  # copy the prefilled rows over the batch: a decode step costs the same whatever they hold
             for s in cache.layers:
-                for f in STATE_TENSORS:
-                    if hasattr(s, f):
-                        t = getattr(s, f)
-                        for a in range(rows, B, rows):
-                            t[a : min(a + rows, B)] = t[: min(rows, B - a)]
+                for attr in row_tensors(s):
+                    t = getattr(s, attr)
+                    for a in range(rows, B, rows):
+                        t[a : min(a + rows, B)] = t[: min(rows, B - a)]
             prefill_all_s = prefill_s * B / rows
         cache.set_positions([P] * B)
         token = torch.cat(logits).argmax(-1)
@@ -575,8 +565,7 @@ def throughput_run(run: Run, name, model, budget_s: float, sampled: bool, full_p
             segments = [(P + 2, step_s)]
             for at in (P + NEW // 3, P + 2 * NEW // 3, P + NEW - probe):
                 for s in cache.layers:
-                    s.pos.fill_(at)
-                    s.seen = at
+                    move_to(s, at)
                 segments.append((at, decode(probe) / probe))
             xs = [P] + [p for p, _ in segments] + [P + NEW]
             ys = [segments[0][1]] + [t for _, t in segments] + [segments[-1][1]]
@@ -597,8 +586,6 @@ def throughput_run(run: Run, name, model, budget_s: float, sampled: bool, full_p
     )
     run.line("throughput", name, text + (f"  (ref {ref:,})" if ref else ""))
 
-
-# ------------------------------------------------------------------------------------------------ driver
 
 PHASES = "check,layer,latency,throughput"  # also "compiled": rat-1.3b's latency through torch.compile
 SUBCOMMANDS = {  # `ratlm bench NAME`: (phases, help); `python -m ratlm.bench.decode` runs them all
@@ -626,8 +613,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
     phases = [p.strip() for p in args.phases.split(",") if p.strip()]
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     budget = args.budget_s or (170.0 if args.quick else 330.0)
-    shares = {"check": 0.08, "layer": 0.25 if args.quick else 0.22, "latency": 0.12, "throughput": 0.55}
-    shares["compiled"] = 0.1
+    layer_share = 0.25 if args.quick else 0.22
+    shares = {"check": 0.08, "layer": layer_share, "latency": 0.12, "throughput": 0.55, "compiled": 0.1}
     run = Run(Path(args.out), budget, scale)
     env = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu", torch=torch.__version__)
     env.update(python=platform.python_version(), argv=vars(args), free_gib=free_bytes(device) / 2**30)

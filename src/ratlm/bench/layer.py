@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 from ..config import ModelConfig
-from ..mixers import RAT, RNN, Attention
+from ..model import make_mixer
 from ..ops import backend
 from ..ops.attention import attention_sdpa
 from ..ops.rat.masked import rat_mix_masked
@@ -91,9 +91,6 @@ class LayerBench:
     @property
     def cuda(self) -> bool:
         return torch.device(self.device).type == "cuda"
-
-
-# ---------------------------------------------------------------------------------------------- records
 
 
 def _emit(bench: LayerBench, row: dict) -> None:
@@ -173,9 +170,6 @@ def ceilings(bench: LayerBench) -> dict:
     a = b = x = y = None  # free the 4 GiB before the next phase
     _free()
     return out
-
-
-# ------------------------------------------------------------------------------------------ correctness
 
 
 def _rat_inputs(B, T, H, G, d, dtype, seed, device):
@@ -373,9 +367,6 @@ def check_layers(bench: LayerBench) -> None:
         _free()
 
 
-# -------------------------------------------------------------------------------------------- timings
-
-
 def _config(bench: LayerBench, L: int, T: int) -> ModelConfig:
     layers = "rat,attn,swa,rnn"
     return ModelConfig(
@@ -392,9 +383,7 @@ def _config(bench: LayerBench, L: int, T: int) -> ModelConfig:
 
 
 def _layer(kind: str, cfg: ModelConfig, device: str) -> torch.nn.Module:
-    layer = {"rat": RAT, "attention": Attention, "rnn": RNN}.get(kind)
-    layer = Attention(cfg, window=cfg.window) if kind == "swa" else layer(cfg)
-    layer = layer.to(device)
+    layer = make_mixer("attn" if kind == "attention" else kind, cfg).to(device)
     with torch.no_grad():
         for module in layer.modules():
             if isinstance(module, torch.nn.Linear):
@@ -550,9 +539,6 @@ def run_timings(bench: LayerBench, mode: str, deadline: float, ceiling: float) -
                 row["frac_of_729"] = float(f"{row['tflops'] / PERF_MATMUL_TFLOPS:.3g}")  # PERF.md's ceiling
             _emit(bench, row)
             print(_line(row), flush=True)
-
-
-# -------------------------------------------------------------------------------------------- reports
 
 
 def _line(row: dict) -> str:

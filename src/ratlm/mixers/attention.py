@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..cache import KVState, WindowState, shared_rope_table
+from ..cache import KVState, WindowState, move_to, shared_rope_table
 from ..config import ModelConfig
 from ..ops import apply_rope, attention, rope_cos_sin
 from ..ops.attention.decode import attention_decode
@@ -47,8 +47,7 @@ class Attention(nn.Module):
         else:
             y = self._window_step(q, k, v, state)
         if state is not None:
-            state.seen = n0 + T
-            state.pos.fill_(n0 + T)
+            move_to(state, n0 + T)
         return x + self.out_proj(y.transpose(1, 2).reshape(B, T, D))
 
     def _window_step(self, q: Tensor, k: Tensor, v: Tensor, state: WindowState) -> Tensor:

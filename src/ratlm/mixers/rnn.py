@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..cache import RNNState, advance
+from ..cache import RNNState, advance, move_to
 from ..config import ModelConfig
 from ..ops import gated_scan
 from .norm import RMSNorm
@@ -37,10 +37,9 @@ class RNN(nn.Module):
             state.state.copy_(h[:, 0])
             advance(state)
         else:
-            h = gated_scan(v, g, initial_state=state.state, offset=state.seen)
+            h = gated_scan(v, g, initial_state=state.state)
             state.state.copy_(h[:, -1])
-            state.seen += T
-            state.pos.fill_(state.seen)
+            move_to(state, state.seen + T)
         return x + self.out_proj(torch.sigmoid(z) * h.to(v.dtype))
 
     def new_state(self, batch_size: int, max_len: int, device, dtype, tables: dict | None = None) -> RNNState:

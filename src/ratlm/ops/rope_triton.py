@@ -13,6 +13,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .scan.kernel import unit_last_stride
+
 
 @triton.jit
 def _rope_kernel(
@@ -39,8 +41,7 @@ def _rope_kernel(
 
 def _rotate(x: Tensor, cos_half: Tensor, sin_half: Tensor, sign: int) -> Tensor:
     B, H, T, d = x.shape
-    if x.stride(-1) != 1:
-        x = x.contiguous()
+    x = unit_last_stride(x)
     y = torch.empty(B, H, T, d, device=x.device, dtype=x.dtype)
     BLOCK_T = 32
     grid = (B * H, triton.cdiv(T, BLOCK_T))

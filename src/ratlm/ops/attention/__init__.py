@@ -39,7 +39,10 @@ def attention(
     if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
         raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} must be [B, H, T, d]")
     if not (k_start <= q_start and q_start + Tq <= k_start + Tk):
-        raise ValueError("attention: every query position must be among the key positions")
+        raise ValueError(
+            f"attention: every query position must be among the key positions; queries at {q_start}.."
+            f"{q_start + Tq - 1} (q_start, Tq), keys at {k_start}..{k_start + Tk - 1} (k_start, Tk)"
+        )
     if window is not None and window < 0:
         raise ValueError(f"window must be >= 0 or None, got {window}")
     if window is not None and q_start == k_start and Tq == Tk:  # self-attention over a whole sequence

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ...cache import RATState
+from ...cache import RATState, move_to
 from ..rope import apply_rope, rope_cos_sin
 from .masked import chunk_attention_masked, scan_states
 
@@ -28,25 +28,26 @@ def rat_mix_cached(
     every query attends to the summaries of all its earlier chunks plus its own running state.
     A prefill into an empty state on CUDA takes its outputs from `rat_mix`, whose fast kernels need no cache.
     """
+    from . import rat_mix, rat_mix_check  # the package's dispatcher, which imports this module
+
+    rat_mix_check(q, k, v, g, chunk_size, position)
     B, T, H, d = v.shape
     L, n0 = chunk_size, state.seen
     scale = d**-0.5 if scale is None else scale
-    vs, ks = scan_states(v, k, g, L, offset=n0, initial=(state.v_run, state.k_run))
+    vs, ks = scan_states(v, k, g, L, offset=n0, initial=(state.v_run, state.k_run))  # [B, T, H, d] fp32
     state.v_run.copy_(vs[:, -1])
     state.k_run.copy_(ks[:, -1])
-    state.seen = n0 + T
-    state.pos.fill_(n0 + T)
-    vs = vs.to(v.dtype).transpose(1, 2)  # [B, H, T, d]
-    ks = ks.to(v.dtype).transpose(1, 2)
+    move_to(state, n0 + T)
     chunk_ids = (n0 + torch.arange(T, device=v.device)) // L
     first_end = (L - 1 - n0) % L  # the first new token that closes a chunk
     ends = torch.arange(min(first_end, T), T, L, device=v.device)
     if n0 == 0 and v.is_cuda:
         # a fresh prefill: the outputs from the full-sequence op, the cache from the chunk-end states
-        _store_summaries(state, ks[:, :, ends], vs[:, :, ends], chunk_ids[ends], position, rope_base)
-        from . import rat_mix  # the package's dispatcher, which imports this module
-
+        k_end, v_end = (s[:, ends].to(v.dtype).transpose(1, 2) for s in (ks, vs))
+        _store_summaries(state, k_end, v_end, chunk_ids[ends], position, rope_base)
         return rat_mix(q, k, v, g, L, position, rope_base, scale)
+    vs = vs.to(v.dtype).transpose(1, 2)  # [B, H, T, d]
+    ks = ks.to(v.dtype).transpose(1, 2)
     q = q.repeat(1, 1, H // q.shape[2], 1).transpose(1, 2)
     if position == "rope":
         cos, sin = rope_cos_sin(chunk_ids, d, rope_base)

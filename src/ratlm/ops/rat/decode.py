@@ -45,7 +45,10 @@ def rat_decode(
     """
     check_step_shapes(q, k, v, state.keys)
     if g.shape != v.shape or z.shape != v.shape or gate_bias.numel() != v.shape[1] * v.shape[2]:
-        raise ValueError(f"g and z must be [B, H, d] = {tuple(v.shape)} and gate_bias [H * d]")
+        raise ValueError(
+            f"g and z must be [B, H, d] = {tuple(v.shape)} and gate_bias [H * d]; got g {tuple(g.shape)}, "
+            f"z {tuple(z.shape)}, gate_bias {tuple(gate_bias.shape)}"
+        )
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if position not in ("rope", "nope"):

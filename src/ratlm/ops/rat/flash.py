@@ -147,14 +147,12 @@ def _flash_bwd_q_kernel(
     tl.store(DQ + out, round_to(dq, DQ.dtype.element_ty), mask=valid[:, None])
 
 
-def _blocks(d: int) -> tuple[int, int, int, int]:
-    """(BM, BN, warps, stages): query rows, summaries per step, for the forward kernel."""
-    if INTERPRET:
-        return 16, 16, 4, 1
-    return (128, 64, 8, 2) if d <= 64 else (128, 64, 8, 2)
+# (BM, BN, warps, stages) of the forward kernel: query rows, summaries per step, any head width
+_FWD_BLOCKS = (16, 16, 4, 1) if INTERPRET else (128, 64, 8, 2)
 
 
 def _bwd_blocks(d: int) -> tuple[int, int, int, int]:
+    """(BM, BN, warps, stages) of the backward kernels."""
     if INTERPRET:
         return 16, 16, 4, 1
     return (64, 64, 4, 2) if d <= 64 else (64, 64, 8, 2)
@@ -174,7 +172,7 @@ def flash_fwd(qo, ks, vs, ksum, vsum, L: int, scale: float) -> tuple[Tensor, Ten
     B, T, H, d = vs.shape
     y = torch.empty(vs.shape, device=vs.device, dtype=vs.dtype)
     lse = torch.empty(B, H, T, device=vs.device, dtype=torch.float32)
-    BM, BN, warps, stages = _blocks(d)
+    BM, BN, warps, stages = _FWD_BLOCKS
     _flash_fwd_kernel[(triton.cdiv(T, BM), B * H)](
         qo, ks, vs, ksum, vsum, y, lse, T, L, scale,
         vs.stride(0), vs.stride(1), vs.stride(2), vsum.stride(0), vsum.stride(1), vsum.stride(2),

@@ -15,6 +15,7 @@ import torch
 import triton
 from torch import Tensor
 
+from ..scan.kernel import unit_last_stride
 from .merge import merge_fwd, own_bwd
 from .scan_kernels import rat_scan_bwd, rat_scan_fwd, rope_tables
 
@@ -50,7 +51,7 @@ class RatChunkHeadsFunction(torch.autograd.Function):
         B, T, H, d = v.shape
         C = triton.cdiv(T, L)
         cos, sin = rope_tables(C, d, rope_base, v.device) if rope else (None, None)
-        dy = dy if dy.stride(-1) == 1 else dy.contiguous()
+        dy = unit_last_stride(dy)
         unit = getattr(engine, "unit", 1.0)
         dop = None
         if C > 1:  # padding rows of a partial last chunk must hold zeros, not garbage, for the engine

@@ -38,7 +38,7 @@ def unsupported_reason(q: Tensor, k: Tensor, v: Tensor, g: Tensor, chunk_size: i
     return None
 
 
-def _engine_for(name: str, q: Tensor, v: Tensor, chunk_size: int):
+def _engine_for(name: str, v: Tensor, chunk_size: int):
     """(kind, engine object) for an engine name, or None when it cannot take these inputs."""
     B, T, H, d = v.shape
     if name == "cudnn":
@@ -79,6 +79,7 @@ def rat_mix_triton(
     possibly a non-contiguous view). Runs on CUDA, or on CPU under TRITON_INTERPRET=1 (engines "torch"
     and "triton"; "flex" forward only). Raises ValueError for inputs or engines that cannot run.
     """
+    from ..scan.kernel import unit_last_stride
     from . import rat_mix_check
 
     rat_mix_check(q, k, v, g, chunk_size, position)
@@ -86,14 +87,14 @@ def rat_mix_triton(
     if reason is not None:
         raise ValueError(f"rat_mix_triton: {reason}")
     # the kernels take any strides but a unit one along the head vector (views of a projection have it)
-    q, k, v, g = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, g))
+    q, k, v, g = (unit_last_stride(t) for t in (q, k, v, g))
     d = v.shape[3]
     scale = d**-0.5 if scale is None else scale
     global last_engine
     rope = position == "rope"
     names = ("cudnn", "triton", "flex") if engine == "auto" else (engine,)
     for name in names:
-        chosen = _engine_for(name, q, v, chunk_size)
+        chosen = _engine_for(name, v, chunk_size)
         if chosen is None:
             fallback(f"rat_mix engine {name}", "cannot take these inputs")
             continue
