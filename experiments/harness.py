@@ -1,7 +1,8 @@
 """What the experiment scripts share: a minimal training loop, FLOP/time estimates and a resumable sweep.
 
-Kept independent of `ratlm.train` on purpose (that module is being rewritten); the only ratlm APIs used are
-`LanguageModel`, `ModelConfig` and `model(input_ids) -> logits`.
+Kept independent of `ratlm.train` (a distributed trainer with checkpoints and a resumable data loader): a
+sweep needs one short single-device loop, and its recipe stays fixed whatever the trainer does. The only
+ratlm APIs used are `LanguageModel`, `ModelConfig` and `model(input_ids) -> logits`.
 
 A sweep is a list of named configurations. Each finished configuration writes OUT/<name>.json, and a later
 invocation of the same command skips it, so a sweep too long for one GPU session is finished by running the
@@ -20,7 +21,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -234,7 +235,28 @@ def str_list(text: str) -> list[str]:
     return [x for x in text.split(",") if x]
 
 
-def add_sweep_args(parser: argparse.ArgumentParser) -> None:
+def names_of(choices: Iterable[str]) -> Callable[[str], list[str]]:
+    """An argparse type: a comma list of names, each one of `choices`."""
+    choices = list(choices)
+
+    def parse(text: str) -> list[str]:
+        names = str_list(text)
+        unknown = sorted(set(names) - set(choices))
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {unknown}; choose from {', '.join(choices)}")
+        return names
+
+    return parse
+
+
+def model_size(args: argparse.Namespace) -> dict:
+    """The model-shape arguments every script shares, as stored in a job's params."""
+    return {k: getattr(args, k) for k in ("d_model", "n_layers", "n_heads", "n_groups", "window")}
+
+
+def sweep_parser(doc: str) -> argparse.ArgumentParser:
+    """A script's parser (its docstring as the description) with the arguments of `run_sweep`."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="directory for the per-configuration JSON results")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument(
@@ -242,6 +264,7 @@ def add_sweep_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--plan", action="store_true", help="list configurations and estimates only")
     parser.add_argument("--log-every", type=int, default=100, help="steps between training-log records")
+    return parser
 
 
 def same_params(path: Path, job: Job) -> bool:

@@ -15,21 +15,19 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from pathlib import Path
 
 from harness import (
     Job,
-    add_sweep_args,
     config_dict,
     count_params,
     environment,
     estimate_seconds,
     int_list,
-    resolve_device,
-    run_sweep,
-    str_list,
+    model_size,
+    names_of,
+    sweep_parser,
 )
-from lm import TokenData, add_model_args, evaluate, model_config, model_size, train_model
+from lm import TokenData, add_model_args, corpus_sweep, evaluate, model_config, train_model
 
 MODELS: dict[str, tuple[str, str]] = {  # name: (lm.py architecture, position)
     "attn-swa-rope": ("attn-swa", "rope"),
@@ -89,30 +87,20 @@ def run_job(job: Job, time_limit_s: float, args: argparse.Namespace, data: Token
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    formatter = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
-    add_sweep_args(parser)
+    parser = sweep_parser(__doc__)
     add_model_args(parser)
-    parser.add_argument("--models", type=str_list, default=list(MODELS), help="comma list")
+    parser.add_argument("--models", type=names_of(MODELS), default=list(MODELS), help="comma list")
     parser.add_argument("--seeds", type=int_list, default=[0])
     parser.add_argument("--seq-len", type=int, default=512, help="training context N")
     parser.add_argument("--steps", type=int, default=1200)
     parser.add_argument("--eval-multiples", type=int_list, default=[1, 2, 3, 4])
     parser.add_argument("--eval-tokens-per-batch", type=int, default=32768)
     parser.set_defaults(batch_size=64)  # 64 x 512: the same tokens per step as lm.py's 32 x 1024
-    args = parser.parse_args(argv)
-    unknown = sorted(set(args.models) - set(MODELS))
-    if unknown:
-        parser.error(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
-    return args
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    jobs = make_jobs(args)
-    data = None if args.plan else TokenData.load(Path(args.data), resolve_device(args.device))
-    run_sweep(jobs, lambda job, limit: run_job(job, limit, args, data), args)
-    return 0
+    return corpus_sweep(parse_args(argv), make_jobs, run_job)
 
 
 if __name__ == "__main__":

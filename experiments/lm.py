@@ -31,7 +31,6 @@ from harness import (
     LanguageModel,
     ModelConfig,
     OptimConfig,
-    add_sweep_args,
     autocast,
     config_dict,
     count_params,
@@ -39,9 +38,11 @@ from harness import (
     estimate_seconds,
     int_list,
     match_ffn,
+    model_size,
+    names_of,
     resolve_device,
     run_sweep,
-    str_list,
+    sweep_parser,
     train,
 )
 
@@ -97,7 +98,9 @@ def windows(tokens: torch.Tensor, starts: torch.Tensor, seq_len: int, eos_id: in
 
 def random_batches(data: TokenData, batch_size: int, seq_len: int, seed: int):
     gen = torch.Generator(device=data.train.device).manual_seed(seed)
-    high = data.train.numel() - seq_len - 1
+    high = data.train.numel() - seq_len  # exclusive: the last window ends on the last token
+    if high < 1:
+        raise ValueError(f"--seq-len {seq_len} needs more than the {data.train.numel()} training tokens")
     while True:
         starts = torch.randint(0, high, (batch_size,), generator=gen, device=data.train.device)
         yield windows(data.train, starts, seq_len, data.eos_id)
@@ -120,6 +123,8 @@ def evaluate(
     model.eval()
     device = tokens.device
     starts = torch.arange(0, tokens.numel() - seq_len, seq_len, device=device)
+    if starts.numel() == 0:
+        raise ValueError(f"a window of {seq_len} tokens needs more than the {tokens.numel()} tokens given")
     if max_windows is not None:
         starts = starts[:max_windows]
     total = torch.zeros(seq_len, device=device, dtype=torch.float64)
@@ -159,11 +164,6 @@ def model_config(arch: str, args: argparse.Namespace, vocab_size: int) -> ModelC
     """The architecture's config, its FFN width matched to the attention model's parameter count."""
     target = count_params(base_config(args, vocab_size, **ARCHS["attn"]))
     return match_ffn(base_config(args, vocab_size, **ARCHS[arch]), target)
-
-
-def model_size(args: argparse.Namespace) -> dict:
-    keys = ("d_model", "n_layers", "n_heads", "n_groups", "window")
-    return {k: getattr(args, k) for k in keys}
 
 
 def make_jobs(args: argparse.Namespace) -> list[Job]:
@@ -245,27 +245,25 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    formatter = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
-    add_sweep_args(parser)
+    parser = sweep_parser(__doc__)
     add_model_args(parser)
-    parser.add_argument("--archs", type=str_list, default=list(ARCHS), help="comma list")
+    parser.add_argument("--archs", type=names_of(ARCHS), default=list(ARCHS), help="comma list")
     parser.add_argument("--seeds", type=int_list, default=[0, 1])
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=1200)
-    args = parser.parse_args(argv)
-    unknown = sorted(set(args.archs) - set(ARCHS))
-    if unknown:
-        parser.error(f"unknown arch(s) {unknown}; choose from {', '.join(ARCHS)}")
-    return args
+    return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def corpus_sweep(args: argparse.Namespace, make_jobs, run_job) -> int:
+    """Run the sweep of lm.py or length.py: the corpus is loaded onto the device unless only planning."""
     jobs = make_jobs(args)
     data = None if args.plan else TokenData.load(Path(args.data), resolve_device(args.device))
     run_sweep(jobs, lambda job, limit: run_job(job, limit, args, data), args)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return corpus_sweep(parse_args(argv), make_jobs, run_job)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ from harness import (
     LanguageModel,
     ModelConfig,
     OptimConfig,
-    add_sweep_args,
     autocast,
     config_dict,
     count_params,
@@ -40,9 +39,11 @@ from harness import (
     estimate_seconds,
     float_list,
     int_list,
+    model_size,
     resolve_device,
     run_sweep,
     str_list,
+    sweep_parser,
     train,
 )
 
@@ -175,11 +176,6 @@ def model_config(arch: str, task: MQARTask, args: argparse.Namespace) -> ModelCo
     )
 
 
-def model_size(args: argparse.Namespace) -> dict:
-    keys = ("d_model", "n_layers", "n_heads", "n_groups", "window")
-    return {k: getattr(args, k) for k in keys}
-
-
 def batch_size_for(seq_len: int, args: argparse.Namespace) -> int:
     return max(args.min_batch, args.tokens_per_step // seq_len)
 
@@ -249,9 +245,7 @@ def run_job(job: Job, time_limit_s: float, args: argparse.Namespace) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    formatter = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
-    add_sweep_args(parser)
+    parser = sweep_parser(__doc__)
     parser.add_argument("--archs", type=str_list, default=list(ARCHS), help="comma list")
     parser.add_argument("--seq-lens", type=int_list, default=[256, 1024, 4096])
     parser.add_argument("--kv-pairs", type=int_list, default=[16, 64])

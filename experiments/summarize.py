@@ -49,6 +49,16 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def figure_markdown(fig, img: Path, name: str, alt: str) -> str:
+    """Save `fig` as img/<name> and close it; returns the markdown that shows it under the section."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(img / name, dpi=120)
+    plt.close(fig)
+    return f"\n\n![{alt}](img/{name})"
+
+
 def mqar_section(results: list[dict], img: Path, plots: bool) -> str:
     ok = [r for r in results if r["status"] == "ok"]
     failed = {
@@ -98,10 +108,7 @@ def mqar_section(results: list[dict], img: Path, plots: bool) -> str:
             ax.minorticks_off()
             ax.set_ylim(-0.02, 1.02)
         axes[0][-1].legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(img / "mqar.png", dpi=120)
-        plt.close(fig)
-        text += "\n\n![MQAR accuracy](img/mqar.png)"
+        text += figure_markdown(fig, img, "mqar.png", "MQAR accuracy")
     return text
 
 
@@ -147,10 +154,7 @@ def lm_section(results: list[dict], img: Path, plots: bool) -> str:
                             label=arch if i == 0 else None, alpha=0.8)  # fmt: skip
         ax.set(xlabel="step", ylabel="validation loss (estimate)", title="Language modelling")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(img / "lm.png", dpi=120)
-        plt.close(fig)
-        text += "\n\n![validation loss during training](img/lm.png)"
+        text += figure_markdown(fig, img, "lm.png", "validation loss during training")
     return text
 
 
@@ -184,10 +188,7 @@ def length_section(results: list[dict], img: Path, plots: bool) -> str:
         ax.axvline(N, color="grey", linestyle="--", linewidth=1)
         ax.set(xlabel="position in the window", ylabel="loss (nats/token)", title=f"Trained at N = {N}")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(img / "length.png", dpi=120)
-        plt.close(fig)
-        text += "\n\n![loss by position](img/length.png)"
+        text += figure_markdown(fig, img, "length.png", "loss by position")
     return text
 
 

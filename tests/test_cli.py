@@ -53,44 +53,13 @@ def test_missing_and_malformed_model_directories_exit_2(capsys, tmp_path):
 
 def test_train_then_generate_from_the_cli(capsys, tmp_path):
     out = str(tmp_path / "model")
-    code, text, _ = run(
-        capsys,
-        "train",
-        "--preset",
-        "rat-tiny",
-        "--out",
-        out,
-        "--max-steps",
-        "3",
-        "--batch-size",
-        "2",
-        "--seq-len",
-        "32",
-        "--eval-every",
-        "0",
-        "--final-eval-tokens",
-        "5000",
-        "--sample-tokens",
-        "5",
-        "--device",
-        "cpu",
-    )
+    train = "train --preset rat-tiny --max-steps 3 --batch-size 2 --seq-len 32 --eval-every 0"
+    train += " --final-eval-tokens 5000 --sample-tokens 5 --device cpu"
+    code, text, _ = run(capsys, *train.split(), "--out", out)
     assert code == 0 and "validation loss" in text
-    code, text, _ = run(
-        capsys,
-        "generate",
-        "--model",
-        out,
-        "--prompt",
-        "ROMEO.",
-        "--prompt",
-        "JULIET.\n",
-        "--max-new-tokens",
-        "8",
-        "--greedy",
-        "--device",
-        "cpu",
-    )
+    prompts = ["--prompt", "ROMEO.", "--prompt", "JULIET.\n"]
+    options = ["--max-new-tokens", "8", "--greedy", "--device", "cpu"]
+    code, text, _ = run(capsys, "generate", "--model", out, *prompts, *options)
     assert code == 0
     assert "ROMEO." in text and "JULIET." in text
     code, text, _ = run(capsys, "info", out)

@@ -179,19 +179,17 @@ def test_corpus_lm_length_and_summary_end_to_end(tmp_path):
     assert sorted(r["params"]["arch"] for r in results) == sorted(lm.ARCHS)
     for r in results:
         assert r["status"] == "ok" and 0 < r["val_bits_per_byte"] < 12 and r["val_perplexity"] > 1
-    length.main(
-        [
-            "--out",
-            str(length_out),
-            "--data",
-            str(data),
-            "--seq-len",
-            "16",
-            "--eval-multiples",
-            "1,2",
-            *TINY_LM,
-        ]
-    )
+    length_args = [
+        "--out",
+        str(length_out),
+        "--data",
+        str(data),
+        "--seq-len",
+        "16",
+        "--eval-multiples",
+        "1,2",
+    ]
+    length.main([*length_args, *TINY_LM])
     result = json.loads((length_out / "rat-swa-nope_N16_s0.json").read_text())
     assert set(result["by_length"]) == {"16", "32"} and len(result["per_position_longest"]) == 32
     assert result["model_config"]["position"] == "nope" and result["model_config"]["window"] == 4

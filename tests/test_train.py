@@ -7,7 +7,8 @@ import torch
 
 from ratlm import LanguageModel, from_pretrained, preset
 from ratlm.cli import main
-from ratlm.train import IGNORE_INDEX, TrainConfig, lr_at, make_batch, recipe, train, unigram_loss
+from ratlm.loader import to_batch
+from ratlm.train import IGNORE_INDEX, TrainConfig, lr_at, recipe, train, unigram_loss
 
 
 def test_lr_schedule_warms_up_then_decays_to_min():
@@ -22,7 +23,7 @@ def test_lr_schedule_warms_up_then_decays_to_min():
 def test_target_after_eos_is_ignored():
     eos = 9
     tokens = np.array([1, 2, eos, 3, 4, 5, eos, 6], dtype=np.uint16)
-    x, y = make_batch(tokens, np.array([0, 1]), 5, eos, "cpu")
+    x, y = to_batch(np.stack([tokens[s : s + 6] for s in (0, 1)]).astype(np.int64), eos, "cpu")
     assert x[0].tolist() == [1, 2, eos, 3, 4]
     assert y[0].tolist() == [2, eos, IGNORE_INDEX, 4, 5]
     assert y[1].tolist() == [eos, IGNORE_INDEX, 4, 5, eos]
@@ -117,3 +118,20 @@ def test_training_on_tokenized_shards_from_the_cli(tmp_path, capsys):
     long = [*args, "--seq-len", "200000", "--tokenizer", "byte", "--out", str(tmp_path / "run3")]
     assert main(long) == 2
     assert "longer than the data" in capsys.readouterr().err
+
+
+def test_unusable_validation_data_or_tokenizer_fails_before_training(tmp_path, capsys):
+    (tmp_path / "train.txt").write_text("some training text " * 200)
+    (tmp_path / "short.txt").write_text("short")
+    for split in ("train", "short"):
+        assert main(["tokenize", str(tmp_path / f"{split}.txt"), "--out", str(tmp_path / split)]) == 0
+    args = "train --preset rat-tiny --max-steps 3 --batch-size 2 --device cpu --seq-len 32 --eval-every 0"
+    args = [*args.split(), "--data", str(tmp_path / "train"), "--out", str(tmp_path / "run")]
+    capsys.readouterr()
+    assert main([*args, "--valid-data", str(tmp_path / "short")]) == 2
+    assert "longer than the data: " + str(tmp_path / "short") in capsys.readouterr().err
+    assert not (tmp_path / "run" / "train_log.jsonl").exists()  # refused before the first step
+    manifest = tmp_path / "short" / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"vocab_size": 257', '"vocab_size": 300'))
+    assert main([*args, "--valid-data", str(tmp_path / "short")]) == 2
+    assert "short was tokenized with" in capsys.readouterr().err

@@ -17,6 +17,7 @@ from .model import LanguageModel
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # names for `dtype`
 
 
 class CheckpointError(ValueError):
@@ -87,6 +88,13 @@ def load_config(directory: str | Path) -> ModelConfig:
         return ModelConfig.load(path)
     except (ConfigError, TypeError) as e:
         raise CheckpointError(f"{path}: {e}") from e
+
+
+def dtype_named(name: str | None) -> torch.dtype | None:
+    """The torch dtype a name of DTYPES stands for; None (keep the saved dtype) stays None."""
+    if name is not None and name not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    return DTYPES.get(name)
 
 
 def from_pretrained(directory: str | Path, device=None, dtype: torch.dtype | None = None) -> LanguageModel:

@@ -1,4 +1,5 @@
-"""Command line: `ratlm train | tokenize | export | plot | generate | info | convert-official`."""
+"""Command line: `ratlm train | tokenize | export | plot | generate | info | convert-official | eval | bench`
+(the last two are registered by `ratlm.evaluation.cli` and `ratlm.bench.cli`)."""
 
 from __future__ import annotations
 
@@ -9,28 +10,18 @@ from dataclasses import fields
 
 import torch
 
-from .config import ConfigError
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from .checkpoint import DTYPES, dtype_named
 
 
 class UsageError(ValueError):
     """Bad command-line input (exit code 2)."""
 
 
-def _positive(value: str) -> int:
+def positive(value: str) -> int:
     n = int(value)
     if n < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
     return n
-
-
-def _dtype(name: str | None) -> torch.dtype | None:
-    if name is None:
-        return None
-    if name not in DTYPES:
-        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {name!r}")
-    return DTYPES[name]
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -93,10 +84,10 @@ def cmd_plot(args: argparse.Namespace) -> None:
 
 def _load(args: argparse.Namespace):
     from . import from_pretrained
-    from .train import resolve_device
+    from .distributed import resolve_device
 
     device = resolve_device(args.device)
-    model = from_pretrained(args.model, device=device, dtype=_dtype(args.dtype))
+    model = from_pretrained(args.model, device=device, dtype=dtype_named(args.dtype))
     return model, device
 
 
@@ -159,7 +150,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     config = preset(args.target) if args.preset else load_config(args.target)
     with torch.device("meta"):
         model = LanguageModel(config)
-    dtype = _dtype(args.dtype) or torch.bfloat16
+    dtype = dtype_named(args.dtype) or torch.bfloat16
     print(f"model: {args.target}")
     print(f"  layers: {config.n_layers} ({config.layers}), pattern {' '.join(config.pattern)}")
     print(f"  width {config.d_model}, {config.n_heads} heads of {config.head_dim}, FFN {config.d_ffn}")
@@ -182,13 +173,14 @@ def cmd_info(args: argparse.Namespace) -> None:
 def cmd_convert(args: argparse.Namespace) -> None:
     from .convert import convert_official
 
-    report = convert_official(args.src, args.dst, tokenizer=args.tokenizer, dtype=_dtype(args.dtype))
+    report = convert_official(args.src, args.dst, tokenizer=args.tokenizer, dtype=dtype_named(args.dtype))
     print(report)
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .config import PRESETS
-    from .train import TrainConfig
+    from .distributed import PARALLEL_MODES
+    from .train import PRECISIONS, TrainConfig
 
     defaults = TrainConfig()
     parser = argparse.ArgumentParser(
@@ -202,49 +194,69 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="folder of token shards (default: the embedded Shakespeare corpus)")
     p.add_argument("--valid-data", help="folder of validation shards")
     p.add_argument("--tokenizer", help="tokenizer (default: the data folder's, or byte-level)")
-    p.add_argument("--ordered", dest="shuffle", action="store_false", default=None, help="no shuffling")
-    p.add_argument("--max-steps", type=_positive, help=f"optimizer steps (default {defaults.max_steps})")
-    p.add_argument("--train-tokens", type=_positive, help="tokens to train on (sets --max-steps)")
-    p.add_argument("--stop-at", type=_positive, help="leave after this step with a checkpoint (resume later)")
     p.add_argument(
-        "--batch-size", type=_positive, help=f"global batch in sequences (default {defaults.batch_size})"
+        "--ordered",
+        dest="shuffle",
+        action="store_false",
+        default=None,
+        help="windows in stream order, unshuffled",
     )
-    p.add_argument("--global-batch-tokens", type=_positive, help="global batch in tokens (sets --batch-size)")
+    p.add_argument("--max-steps", type=positive, help=f"optimizer steps (default {defaults.max_steps})")
+    p.add_argument("--train-tokens", type=positive, help="tokens to train on (sets --max-steps)")
+    p.add_argument("--stop-at", type=positive, help="leave after this step with a checkpoint (resume later)")
     p.add_argument(
-        "--micro-batch", type=_positive, help="sequences per forward per rank (default: no accumulation)"
+        "--batch-size", type=positive, help=f"global batch in sequences (default {defaults.batch_size})"
     )
-    p.add_argument("--seq-len", type=_positive, help=f"tokens per sequence (default {defaults.seq_len})")
+    p.add_argument("--global-batch-tokens", type=positive, help="global batch in tokens (sets --batch-size)")
+    p.add_argument(
+        "--micro-batch", type=positive, help="sequences per forward per rank (default: no accumulation)"
+    )
+    p.add_argument("--seq-len", type=positive, help=f"tokens per sequence (default {defaults.seq_len})")
     p.add_argument("--lr", type=float, help=f"peak learning rate (default {defaults.lr}; 8e-4 for 1.3B)")
-    p.add_argument("--min-lr", type=float, help="end of the cosine decay")
-    p.add_argument("--warmup", type=float, help="fraction of the steps spent warming up")
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--grad-clip", type=float)
+    p.add_argument("--min-lr", type=float, help=f"end of the cosine decay (default {defaults.min_lr:g})")
     p.add_argument(
-        "--parallel", choices=("auto", "none", "ddp", "fsdp"), help="data parallelism (default auto)"
+        "--warmup", type=float, help=f"fraction of the steps spent warming up (default {defaults.warmup})"
     )
-    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), help="auto: bf16 on CUDA, fp32 on CPU")
+    p.add_argument(
+        "--weight-decay", type=float, help=f"AdamW's, on matrices only (default {defaults.weight_decay})"
+    )
+    p.add_argument(
+        "--grad-clip", type=float, help=f"global gradient-norm limit (default {defaults.grad_clip})"
+    )
+    p.add_argument("--parallel", choices=PARALLEL_MODES, help="data parallelism (default auto)")
+    p.add_argument("--precision", choices=PRECISIONS, help="auto: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--activation-checkpointing", action="store_true", default=None, help="recompute blocks")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile every block")
     p.add_argument(
-        "--ckpt-every", type=int, help="steps between checkpoints (default 1000 with --data; 0: never)"
+        "--ckpt-every", type=int, help="steps between checkpoints, 0: none (default 1000 with --data, else 0)"
     )
-    p.add_argument("--keep-checkpoints", type=_positive, help="checkpoints kept (default 3)")
+    p.add_argument("--keep-checkpoints", type=positive, help="checkpoints kept (default 3)")
     p.add_argument("--ckpt-format", choices=("dcp", "full"), help="sharded DCP (default) or one full file")
     p.add_argument("--resume", help="auto (default: OUT's newest checkpoint), never, or a checkpoint folder")
     p.add_argument(
-        "--eval-every", type=int, help=f"steps between validation estimates (default {defaults.eval_every})"
+        "--eval-every",
+        type=int,
+        help=f"steps between validation estimates, 0: only the final one (default {defaults.eval_every})",
     )
-    p.add_argument("--eval-batches", type=_positive, help="global batches per validation estimate")
-    p.add_argument("--final-eval-tokens", type=_positive, help="final validation tokens (default all)")
+    p.add_argument(
+        "--eval-batches",
+        type=positive,
+        help=f"global batches per estimate (default {defaults.eval_batches})",
+    )
+    p.add_argument("--final-eval-tokens", type=positive, help="final validation tokens (default all)")
     p.add_argument("--tensorboard", action="store_true", default=None, help="also log to OUT/tensorboard")
     p.add_argument("--peak-tflops", type=float, help="per-GPU peak TFLOP/s for MFU (default 989, H100/H200)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--sample-tokens", type=int, help="length of the sample printed at the end (0: none)")
-    p.add_argument("--chunk-size", type=_positive, help="override the preset's RAT chunk size")
-    p.add_argument("--n-layers", type=_positive, help="override the preset's depth")
-    p.add_argument("--d-model", type=_positive, help="override the preset's width")
-    p.add_argument("--context", type=_positive, help="override the preset's training context")
+    p.add_argument("--seed", type=int, help=f"model initialisation and data order (default {defaults.seed})")
+    p.add_argument(
+        "--sample-tokens",
+        type=int,
+        help="length of the sample printed at the end (default 300, 0 with --data)",
+    )
+    p.add_argument("--chunk-size", type=positive, help="override the preset's RAT chunk size")
+    p.add_argument("--n-layers", type=positive, help="override the preset's depth")
+    p.add_argument("--d-model", type=positive, help="override the preset's width")
+    p.add_argument("--context", type=positive, help="override the preset's training context")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("tokenize", help="turn text files into token shards for `ratlm train --data`")
@@ -255,8 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default="byte", help="byte, a SentencePiece .model or a tokenizer.json")
     p.add_argument("--text-field", default="text", help="JSON field / parquet column holding the text")
     p.add_argument("--doc-per", choices=("file", "line"), default="file", help="what one .txt document is")
-    p.add_argument("--shard-tokens", type=_positive, default=1 << 28, help="tokens per shard (default 2^28)")
-    p.add_argument("--workers", type=_positive, default=1, help="tokenizer processes")
+    p.add_argument("--shard-tokens", type=positive, default=1 << 28, help="tokens per shard (default 2^28)")
+    p.add_argument("--workers", type=positive, default=1, help="tokenizer processes")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=cmd_tokenize)
 
@@ -282,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", help="stop once the output contains this text (repeatable)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokenizer", help="tokenizer (default: the one saved in the model directory)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", help=f"one of {', '.join(DTYPES)} (default: as saved)")
     p.add_argument("--no-stream", action="store_true", help="print a single prompt's output only at the end")
     p.add_argument("--no-cuda-graph", action="store_true", help="decode eagerly on CUDA (for debugging)")
@@ -313,17 +325,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .cache import CacheOverflowError
-    from .checkpoint import CheckpointError
-
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except (UsageError, ConfigError, CheckpointError, CacheOverflowError, FileNotFoundError, ValueError) as e:
-        print(f"ratlm {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except ImportError as e:
+    # bad input of any kind (UsageError, ConfigError, CheckpointError, DataError, ... are ValueErrors),
+    # a missing file or an optional package that is not installed: one line, not a traceback
+    except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"ratlm {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

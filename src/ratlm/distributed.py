@@ -26,7 +26,6 @@ DDP_MAX_PARAMS = 100_000_000  # "auto" picks DDP below this size (one all-reduce
 class Runtime:
     rank: int
     world: int
-    local_rank: int
     device: torch.device
     owns_group: bool  # we created the process group, so we destroy it
 
@@ -66,8 +65,8 @@ def setup(device: str = "auto", need_group: bool = False) -> Runtime:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
             owns = True
     if dist.is_initialized():
-        return Runtime(dist.get_rank(), dist.get_world_size(), local_rank, dev, owns)
-    return Runtime(0, 1, 0, dev, False)
+        return Runtime(dist.get_rank(), dist.get_world_size(), dev, owns)
+    return Runtime(0, 1, dev, False)
 
 
 def teardown(rt: Runtime) -> None:

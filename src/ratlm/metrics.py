@@ -55,12 +55,11 @@ def flops_per_token(model: nn.Module, seq_len: int) -> float:
     return 6 * matmul_params(model) + attention
 
 
-def peak_memory_gib(device: torch.device, reset: bool = True) -> float:
-    """Peak memory since the last reset: allocated GPU memory, or the process's peak RSS on CPU."""
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak allocated GPU memory since the previous call, or on CPU the process's peak RSS so far."""
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / 2**30
-        if reset:
-            torch.cuda.reset_peak_memory_stats(device)
+        torch.cuda.reset_peak_memory_stats(device)
         return peak
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 

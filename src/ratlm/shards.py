@@ -277,10 +277,13 @@ def tokenize(
         stats, start, n_tokens = [], time.perf_counter(), 0
         try:
             for path in sources:
-                counts, done = (
-                    {"path": str(path.resolve()), "bytes": path.stat().st_size, "documents": 0, "tokens": 0},
-                    0,
-                )
+                counts = {
+                    "path": str(path.resolve()),
+                    "bytes": path.stat().st_size,
+                    "documents": 0,
+                    "tokens": 0,
+                }
+                done = 0  # bytes of this file the progress bar has counted
                 batches = _batches(read_documents(path, text_field, doc_per))
                 for tokens, ends, pos in _encoded(batches, pool, workers, tok, dtype):
                     writer.write(tokens)

@@ -80,7 +80,7 @@ class SentencePieceTokenizer(Tokenizer):
     """A SentencePiece ``.model`` file; EOS and BOS ids come from the model (-1 there means none)."""
 
     def __init__(self, path: str | Path) -> None:
-        spm = _require("sentencepiece", "sentencepiece")
+        spm = _require("sentencepiece")
         self.path = _existing_file(path)
         self._sp = spm.SentencePieceProcessor(model_file=str(self.path))
         self.vocab_size = self._sp.get_piece_size()
@@ -114,7 +114,7 @@ class HFTokenizer(Tokenizer):
     BOS_NAMES = ("<s>", "<|startoftext|>", "<bos>")
 
     def __init__(self, path: str | Path) -> None:
-        tokenizers = _require("tokenizers", "tokenizers")
+        tokenizers = _require("tokenizers")
         self.path = _existing_file(path)
         self._tok = tokenizers.Tokenizer.from_file(str(self.path))
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
@@ -172,14 +172,14 @@ def _load_directory(directory: Path) -> Tokenizer:
     raise FileNotFoundError(f"tokenizer directory {str(directory)!r} holds no tokenizer; expected {ACCEPTED}")
 
 
-def _require(module: str, extra: str) -> ModuleType:
-    """Import an optional dependency, saying how to install it if it is missing."""
+def _require(module: str) -> ModuleType:
+    """Import an optional dependency (each has a ratlm extra of its own name), saying how to install it."""
     try:
         return importlib.import_module(module)
     except ImportError as err:
         raise ImportError(
             f"this tokenizer needs the {module!r} package: pip install {module} "
-            f"(or pip install 'ratlm[{extra}]')"
+            f"(or pip install 'ratlm[{module}]')"
         ) from err
 
 

@@ -39,6 +39,8 @@ from .tokenizer import Tokenizer, load_tokenizer
 
 __all__ = ["IGNORE_INDEX", "TrainConfig", "DivergedError", "recipe", "resolve_device", "train"]
 
+PRECISIONS = ("auto", "bf16", "fp32")
+
 
 @dataclass
 class TrainConfig:
@@ -85,6 +87,18 @@ class TrainConfig:
     seed: int = 0
     sample_prompt: str = "ROMEO.\n"
     sample_tokens: int | None = None  # None: 300 on the embedded corpus, 0 with --data
+
+    def __post_init__(self) -> None:
+        for name in ("seq_len", "batch_size", "max_steps", "keep_checkpoints", "eval_batches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_every", "ckpt_every", "sample_tokens"):
+            if (getattr(self, name) or 0) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.warmup <= 1:
+            raise ValueError(f"warmup is a fraction of max_steps, between 0 and 1, got {self.warmup}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
 
 # The paper's 1.3B pretraining (FineWeb-Edu, 100B tokens, 4K context); the global batch of 2^20
@@ -134,11 +148,6 @@ def encode_documents(docs: list[str], tokenizer: Tokenizer) -> np.ndarray:
     return np.concatenate([np.asarray(ids + eos, dtype=dtype) for ids in tokenizer.encode_batch(docs)])
 
 
-def make_batch(tokens: np.ndarray, starts: np.ndarray, seq_len: int, eos_id: int | None, device) -> tuple:
-    """Inputs and targets [B, seq_len] of the windows starting at `starts`; see `loader.to_batch`."""
-    return to_batch(np.stack([tokens[s : s + seq_len + 1] for s in starts]).astype(np.int64), eos_id, device)
-
-
 def lm_loss(
     model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean"
 ) -> torch.Tensor:
@@ -181,19 +190,20 @@ def load_data(cfg: TrainConfig) -> tuple[Tokenizer, TokenSource, TokenSource | N
             ),
             TokenSource.from_array(valid, tokenizer.eos_id, tokenizer.vocab_size, "Shakespeare (validation)"),
         )
-    manifest = load_manifest(cfg.data)
+    manifests = {folder: load_manifest(folder) for folder in (cfg.data, cfg.valid_data) if folder}
     try:
         tokenizer = load_tokenizer(cfg.tokenizer or cfg.data)
     except FileNotFoundError as e:
         raise DataError(f"no tokenizer for {cfg.data}: {e}; pass --tokenizer") from e
+    for folder, manifest in manifests.items():
+        # the EOS id ends documents and the vocabulary bounds the ids: both must be the data's own
+        if (manifest["eos_id"], manifest["vocab_size"]) != (tokenizer.eos_id, tokenizer.vocab_size):
+            raise DataError(
+                f"{folder} was tokenized with {manifest['tokenizer']}, but the tokenizer is "
+                f"{tokenizer.describe()}; pass the --tokenizer the data was made with"
+            )
     train = TokenSource.from_directory(cfg.data)
     valid = TokenSource.from_directory(cfg.valid_data) if cfg.valid_data else None
-    for source in (train, valid):
-        if source is not None and source.eos_id != tokenizer.eos_id:
-            raise DataError(
-                f"{source.name} was tokenized with EOS {source.eos_id} ({manifest['tokenizer']}), "
-                f"but the tokenizer's EOS is {tokenizer.eos_id} ({tokenizer.describe()})"
-            )
     return tokenizer, train, valid
 
 
@@ -212,15 +222,13 @@ def batch_geometry(cfg: TrainConfig, world: int) -> tuple[int, int, int]:
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
-    source: TokenSource,
-    seq_len: int,
+    loader: WindowLoader,
     micro: int,
     rt: pdist.Runtime,
     autocast,
     max_windows: int | None = None,
 ) -> float:
-    """Mean loss (nats per counted token) over consecutive windows, split over the ranks."""
-    loader = WindowLoader(source, seq_len, shuffle=False)
+    """Mean loss (nats per counted token) over the loader's consecutive windows, split over the ranks."""
     n = loader.n_windows if max_windows is None else max(1, min(loader.n_windows, max_windows))
     per_rank = math.ceil(n / rt.world)
     mine = np.arange(rt.rank, n, rt.world)
@@ -232,7 +240,7 @@ def evaluate(
         want, ids = min(micro, per_rank - i), mine[i : i + micro]
         x, y = to_batch(
             loader.windows(np.concatenate([ids, np.zeros(want - len(ids), np.int64)])),
-            source.eos_id,
+            loader.source.eos_id,
             rt.device,
         )
         y[len(ids) :] = IGNORE_INDEX
@@ -295,7 +303,7 @@ def train(cfg: TrainConfig, model_config: ModelConfig | None = None) -> dict:
 
 def _train(cfg: TrainConfig, mcfg: ModelConfig, rt: pdist.Runtime) -> dict:
     # imported here: torch.distributed.checkpoint is slow to import and `ratlm --help` needs this module
-    from .trainckpt import Checkpoints, full_model_state, read_state, write_model_files
+    from .trainckpt import Checkpoints, full_model_state, read_state, write_model_files, write_text_synced
 
     say = print if rt.main else (lambda *a, **k: None)
     tokenizer, train_src, valid_src = load_data(cfg)
@@ -310,14 +318,14 @@ def _train(cfg: TrainConfig, mcfg: ModelConfig, rt: pdist.Runtime) -> dict:
     ckpt_every = cfg.ckpt_every if cfg.ckpt_every is not None else (1000 if cfg.data else 0)
     sample_tokens = cfg.sample_tokens if cfg.sample_tokens is not None else (0 if cfg.data else 300)
     loader = WindowLoader(train_src, cfg.seq_len, cfg.seed, cfg.shuffle)
+    # built now so that validation data shorter than one window fails before training, not after it
+    valid_loader = WindowLoader(valid_src, cfg.seq_len, shuffle=False) if valid_src is not None else None
 
     torch.manual_seed(cfg.seed)
     with torch.device(rt.device):
         model = LanguageModel(mcfg)
     n_params, fpt = model.num_params(), flops_per_token(model, cfg.seq_len)
     mode = pdist.resolve_mode(cfg.parallel, rt.world, n_params)
-    if cfg.precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"precision must be auto, bf16 or fp32, got {cfg.precision!r}")
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and rt.device.type == "cuda")
     model = pdist.parallelize(model, mode, rt, bf16, cfg.activation_checkpointing, cfg.compile)
     use_autocast = pdist.needs_autocast(mode, bf16)
@@ -395,14 +403,9 @@ def _train(cfg: TrainConfig, mcfg: ModelConfig, rt: pdist.Runtime) -> dict:
                 "mfu": fpt * tokens_per_step / seconds / (cfg.peak_tflops * 1e12 * gpus) if gpus else None,
                 "memory_gib": peak_memory_gib(rt.device),
             }
-            if (
-                valid_src is not None
-                and cfg.eval_every
-                and step % cfg.eval_every == 0
-                and step < cfg.max_steps
-            ):
+            if valid_loader and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
                 record["val_loss_estimate"] = evaluate(
-                    model, valid_src, cfg.seq_len, micro, rt, autocast, cfg.eval_batches * global_batch
+                    model, valid_loader, micro, rt, autocast, cfg.eval_batches * global_batch
                 )
                 if rt.main:
                     tqdm.write(f"step {step}: validation loss ~ {record['val_loss_estimate']:.3f}")
@@ -432,9 +435,9 @@ def _train(cfg: TrainConfig, mcfg: ModelConfig, rt: pdist.Runtime) -> dict:
         save(step)
 
     val_loss = unigram = None
-    if valid_src is not None:
+    if valid_loader is not None:
         max_windows = None if cfg.final_eval_tokens is None else max(1, cfg.final_eval_tokens // cfg.seq_len)
-        val_loss = evaluate(model, valid_src, cfg.seq_len, micro, rt, autocast, max_windows)
+        val_loss = evaluate(model, valid_loader, micro, rt, autocast, max_windows)
         unigram = unigram_loss(
             train_src.read(0, min(len(train_src), 20_000_000)),  # enough for a baseline
             valid_src.read(0, min(len(valid_src), 20_000_000)),
@@ -459,7 +462,7 @@ def _train(cfg: TrainConfig, mcfg: ModelConfig, rt: pdist.Runtime) -> dict:
     }
     if rt.main:
         write_model_files(run_dir, mcfg, state, tokenizer)
-        (run_dir / "train_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        write_text_synced(run_dir / "train_metrics.json", json.dumps(metrics, indent=2) + "\n", atomic=True)
         if val_loss is not None:
             print(
                 f"validation loss {val_loss:.4f} nats/token (perplexity {math.exp(val_loss):.2f}); "

@@ -86,7 +86,9 @@ class Checkpoints:
         _save_synced(rng_state(self.rt.device), tmp / f"rng_{self.rt.rank}.pt")
         if self.rt.main:
             tokenizer.save(tmp / "tokenizer")
-            _write_synced(tmp / STATE_FILE, json.dumps({**meta, "step": step, "format": self.fmt}, indent=1))
+            write_text_synced(
+                tmp / STATE_FILE, json.dumps({**meta, "step": step, "format": self.fmt}, indent=1)
+            )
         barrier()
         if self.rt.main:
             old = None
@@ -94,7 +96,7 @@ class Checkpoints:
                 old = final.with_name(f".old-{name}")
                 os.replace(final, old)
             os.replace(tmp, final)
-            _write_synced(self.root / LATEST, name + "\n", atomic=True)
+            write_text_synced(self.root / LATEST, name + "\n", atomic=True)
             _sync_dir(self.root)
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
@@ -246,7 +248,8 @@ def _save_synced(obj, path: Path) -> None:
     _fsync(path)
 
 
-def _write_synced(path: Path, text: str, atomic: bool = False) -> None:
+def write_text_synced(path: Path, text: str, atomic: bool = False) -> None:
+    """Write `text` and flush it to disk; with `atomic`, through a temporary file renamed over `path`."""
     target = path.with_name(path.name + ".tmp") if atomic else path
     target.write_text(text)
     _fsync(target)

@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 from pathlib import Path
 
 CANDIDATES = ("cudnn", "triton", "flex", "torch")
-OTHER_BENCHMARKS = {
-    "train": "training throughput of the 1.3B presets (ratlm.bench.train)",
-}
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -49,7 +45,7 @@ def cmd_bench_layer(args: argparse.Namespace) -> None:
 
 
 def add_bench_parser(sub) -> None:
-    """Register `ratlm bench layer`, and the package's other benchmarks that are present."""
+    """Register `ratlm bench layer | train | decode | generate`."""
     bench = sub.add_parser("bench", help="GPU benchmarks (JSON lines under $OUT)")
     kinds = bench.add_subparsers(dest="bench", required=True)
     p = kinds.add_parser("layer", help="one mixer layer: training and prefill over lengths (Figure 3)")
@@ -65,19 +61,12 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--no-checks", action="store_true", help="skip the correctness phase")
     p.add_argument("--no-plot", action="store_true", help="no PNG")
     p.set_defaults(func=cmd_bench_layer)
-    # the other teams' benchmarks in this package, where they expose add_arguments(p) and a runner
-    for name, help_text in OTHER_BENCHMARKS.items():
-        try:
-            module = importlib.import_module(f"{__package__}.{name}")
-        except ImportError:
-            continue
-        runner = getattr(module, "run", None) or getattr(module, "run_benchmark", None)
-        if hasattr(module, "add_arguments") and runner is not None:
-            p = kinds.add_parser(name, help=help_text)
-            module.add_arguments(p)
-            p.set_defaults(func=lambda args, runner=runner: _exit_code(runner(args)))
+    from . import decode, train
+
+    p = kinds.add_parser("train", help="training throughput of the 1.3B presets (ratlm.bench.train)")
+    train.add_arguments(p)
+    p.set_defaults(func=lambda args: _exit_code(train.run(args)))
     # `ratlm bench decode` and `ratlm bench generate`: phases of ratlm.bench.decode
-    from . import decode
 
     for name, (phases, help_text) in decode.SUBCOMMANDS.items():
         p = kinds.add_parser(name, help=help_text)

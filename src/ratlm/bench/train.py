@@ -166,12 +166,12 @@ def measure(preset_name, seq_len, micro, ac, compiled, rt, args, case_s) -> dict
     model = pdist.parallelize(model, mode, rt, bf16=True, activation_checkpointing=ac, compile=compiled)
     autocast = pdist.needs_autocast(mode, True)
     optimizer = build_optimizer(model, recipe(preset_name))
-    batches = [torch.randint(0, cfg.vocab_size, (2, micro, seq_len + 1), device=rt.device) for _ in range(3)]
+    batches = [torch.randint(0, cfg.vocab_size, (micro, seq_len + 1), device=rt.device) for _ in range(3)]
 
     def step(i: int) -> None:
-        x, y = batches[i % len(batches)][0], batches[i % len(batches)][1]
+        tokens = batches[i % len(batches)]
         with torch.autocast(rt.device.type, torch.bfloat16, enabled=autocast):
-            loss = lm_loss(model, x[:, :-1], y[:, 1:])
+            loss = lm_loss(model, tokens[:, :-1], tokens[:, 1:])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

@@ -7,17 +7,12 @@ import json
 import sys
 from pathlib import Path
 
+from ..cli import positive
+
 DATA_HELP = (
     "evaluation data, one or more of: .txt (one document) or .jsonl (one per line) files, tokenized with "
     "the model's tokenizer; a `ratlm tokenize` folder; flat .bin token files; .npy arrays"
 )
-
-
-def _positive(value: str) -> int:
-    n = int(value)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
-    return n
 
 
 def _lengths(value: str) -> list[int]:
@@ -36,9 +31,9 @@ def _common(p: argparse.ArgumentParser, batch_size: int) -> None:
     p.add_argument("--tokenizer", help="tokenizer for text data (default: the one saved with the model)")
     p.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
     p.add_argument("--token-dtype", default="uint16", help="dtype of .bin files without a manifest")
-    p.add_argument("--max-tokens", type=_positive, help="read only the first N tokens of the data")
+    p.add_argument("--max-tokens", type=positive, help="read only the first N tokens of the data")
     p.add_argument(
-        "--batch-size", type=_positive, default=batch_size, help=f"windows per forward ({batch_size})"
+        "--batch-size", type=positive, default=batch_size, help=f"windows per forward ({batch_size})"
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", help="fp32, bf16 or fp16 (default: as saved)")
@@ -118,9 +113,9 @@ def add_eval_parser(sub) -> None:
 
     q = evals.add_parser("ppl", help="token-level perplexity over windows of the data")
     _common(q, batch_size=8)
-    q.add_argument("--seq-len", type=_positive, required=True, help="tokens per window")
-    q.add_argument("--stride", type=_positive, help="score only the last STRIDE tokens of each later window")
-    q.add_argument("--chunk", type=_positive, help="feed each window CHUNK tokens at a time (less memory)")
+    q.add_argument("--seq-len", type=positive, required=True, help="tokens per window")
+    q.add_argument("--stride", type=positive, help="score only the last STRIDE tokens of each later window")
+    q.add_argument("--chunk", type=positive, help="feed each window CHUNK tokens at a time (less memory)")
     q.add_argument(
         "--per-position", metavar="FILE", help="write the mean loss at each window position (JSON)"
     )
@@ -131,7 +126,7 @@ def add_eval_parser(sub) -> None:
     _common(q, batch_size=1)
     q.add_argument("--lengths", type=_lengths, required=True, help="comma-separated, e.g. 512,1024,2048,4096")
     q.add_argument(
-        "--chunk", type=_positive, default=2048, help="tokens fed at a time through the cache (2048)"
+        "--chunk", type=positive, default=2048, help="tokens fed at a time through the cache (2048)"
     )
     q.add_argument("--out", default="length_eval.json", help="result JSON (default length_eval.json)")
     q.add_argument("--plot", help="PNG plot (default: the --out path with .png)")

@@ -24,12 +24,8 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
+from ..generation import generate
 from .inputs import load_model, model_tokenizer
-
-try:
-    from ..generation import generate
-except ImportError:  # ratlm before generate.py became generation.py
-    from ..generate import generate
 
 FIRST_ROUND = 32  # tokens generated before stop strings are first looked for; doubled each round
 

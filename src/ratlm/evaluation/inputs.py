@@ -21,7 +21,6 @@ import torch
 
 from ..tokenizer import Tokenizer, load_tokenizer
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TOKEN_DTYPES = ("uint16", "uint32", "int32", "int64")
 MANIFEST = "manifest.json"
 TEXT_SUFFIXES = (".txt", ".jsonl")
@@ -50,11 +49,9 @@ def resolve_device(name: str | None) -> torch.device:
 
 def load_model(directory: str | Path, device: str | None = None, dtype: str | None = None):
     """A model directory (from `save_pretrained` or `ratlm convert-official`) in eval mode, on `device`."""
-    from .. import from_pretrained
+    from ..checkpoint import dtype_named, from_pretrained
 
-    if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    return from_pretrained(directory, device=resolve_device(device), dtype=DTYPES.get(dtype))
+    return from_pretrained(directory, device=resolve_device(device), dtype=dtype_named(dtype))
 
 
 def model_tokenizer(model_dir: str | Path, tokenizer: str | None = None) -> Tokenizer | None:

@@ -18,10 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
+from ..loader import IGNORE_INDEX, to_batch
 from ..model import LanguageModel
 from .inputs import EvalDataError, TokenStream
-
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -98,10 +97,7 @@ def evaluate_perplexity(
     batches = range(0, len(starts), batch_size)
     for i in tqdm(batches, desc=f"ppl @ {seq_len}", disable=not progress, dynamic_ncols=True):
         batch = starts[i : i + batch_size]
-        window = torch.from_numpy(np.stack([tokens[s : s + seq_len + 1] for s in batch]).astype(np.int64))
-        x, y = window[:, :-1], window[:, 1:].clone()
-        if eos is not None:
-            y[x == eos] = IGNORE_INDEX
+        x, y = to_batch(np.stack([tokens[s : s + seq_len + 1] for s in batch]).astype(np.int64), eos, "cpu")
         scored = y != IGNORE_INDEX
         # Later windows only score their last `stride` targets: the earlier ones were scored before.
         scored[torch.tensor(list(batch)) > 0, : seq_len - stride] = False
