@@ -5,6 +5,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+from pieces import piece_sizes
 
 import ratlm.mixers.rat
 import ratlm.mixers.rnn
@@ -28,18 +29,6 @@ def mixer(name: str, chunk_size: int = 4, window: int = 3, position: str = "rope
     if isinstance(m, (RAT, RNN)):
         m.init_gate_bias()
     return m.eval()
-
-
-def piece_sizes(T: int, how: str) -> list[int]:
-    if how == "whole":
-        return [T]
-    if how == "tokens":
-        return [1] * T
-    sizes, left = [], T
-    while left:
-        sizes.append(min(left, int(torch.randint(1, 6, ()))))
-        left -= sizes[-1]
-    return sizes
 
 
 def poisoned_state(m, max_len: int):

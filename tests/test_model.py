@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from pieces import piece_sizes
 
 import ratlm.mixers.attention
 import ratlm.mixers.rat
@@ -27,18 +28,6 @@ def tiny(layers: str = "rat,attn,rnn,swa", **changes) -> ModelConfig:
 
 def tiny_model(layers: str = "rat,attn,rnn,swa", **changes) -> LanguageModel:
     return LanguageModel(tiny(layers, **changes)).eval()
-
-
-def piece_sizes(T: int, how: str) -> list[int]:
-    if how == "whole":
-        return [T]
-    if how == "tokens":
-        return [1] * T
-    sizes, left = [], T
-    while left:
-        sizes.append(min(left, int(torch.randint(1, 6, ()))))
-        left -= sizes[-1]
-    return sizes
 
 
 def feed(model: LanguageModel, ids: torch.Tensor, cache: ModelCache, sizes: list[int]) -> torch.Tensor:

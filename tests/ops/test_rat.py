@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from pieces import piece_sizes
 
 from ratlm.cache import RATState
 from ratlm.ops import (
@@ -197,18 +198,6 @@ def new_rat_state(T: int, L: int, d: int, dtype=torch.float64) -> RATState:
     )
 
 
-def splits(T: int, how: str) -> list[int]:
-    if how == "whole":
-        return [T]
-    if how == "tokens":
-        return [1] * T
-    sizes, left = [], T
-    while left:
-        sizes.append(min(left, int(torch.randint(1, 7, ()))))
-        left -= sizes[-1]
-    return sizes
-
-
 @pytest.mark.parametrize("how", ["whole", "tokens", "random"])
 @pytest.mark.parametrize("position", ["rope", "nope"])
 @pytest.mark.parametrize("L, T, G", [(1, 6, 2), (4, 3, 1), (4, 14, 2), (16, 37, 4), (5, 25, 1)])
@@ -217,7 +206,7 @@ def test_rat_mix_cached_in_pieces_equals_whole(L, T, G, position, how):
     q, k, v, g = inputs(T, G, d)
     full = rat_mix(q, k, v, g, L, position)
     state, outs, p = new_rat_state(T, L, d), [], 0
-    for n in splits(T, how):
+    for n in piece_sizes(T, how, longest=6):
         piece = [t[:, p : p + n] for t in (q, k, v, g)]
         outs.append(rat_mix_cached(*piece, state, L, position))
         p += n
