@@ -170,10 +170,12 @@ def test_sliding_window_differs_from_full_attention_only_beyond_the_window():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
-    "name, module, op", [("rat", ratlm.mixers.rat, "rat_mix"), ("rnn", ratlm.mixers.rnn, "gated_scan")]
+    "name, module, op",
+    [("rat", ratlm.ops.rat.masked, "forget_gate"), ("rnn", ratlm.mixers.rnn, "gated_scan")],
 )
 def test_gate_is_computed_in_fp32(name, module, op, dtype, monkeypatch):
-    """SPEC §1.3: g = sigmoid(g + gate_bias) in fp32, also with bf16 weights (e.g. a loaded checkpoint)."""
+    """SPEC §1.3: g = sigmoid(g + gate_bias) in fp32, also with bf16 weights (e.g. a loaded checkpoint).
+    RAT passes the logits and the bias to its op, which forms the gate (on the GPU, in the scan kernels)."""
     m = mixer(name).to(dtype)
     with torch.no_grad():
         m.gate_bias.uniform_(0, 3)  # chrono-like biases, where a bf16 sum loses the most
@@ -181,7 +183,10 @@ def test_gate_is_computed_in_fp32(name, module, op, dtype, monkeypatch):
     real = getattr(module, op)
 
     def spy(*args, **kwargs):
-        seen["g"] = args[3] if name == "rat" else args[1]
+        if name == "rat":
+            seen["g"] = real(*args, **kwargs)
+            return seen["g"]
+        seen["g"] = args[1]
         return real(*args, **kwargs)
 
     monkeypatch.setattr(module, op, spy)

@@ -45,6 +45,30 @@ def test_bf16_within_twice_plain_pytorch(engine, L, T, G, d):
         assert e <= 2 * e_plain + 1e-6, (name, e, e_plain)
 
 
+@pytest.mark.parametrize("engine", ["cudnn", "triton", "flex"])
+@pytest.mark.parametrize("L, T, G, d", [(16, 1000, 2, 128), (1, 300, 2, 64), (7, 333, 4, 64)])
+def test_fused_gates_bf16_within_twice_plain_pytorch(engine, L, T, G, d):
+    """The mixer's call: forget-gate logits + bias (fused into the scan) and the output gate z (fused into
+    the merge on cudnn); the output and the gradients of all six inputs."""
+    q, k, v, _ = inputs(2, T, G, d, torch.bfloat16)
+    logits = (2 * torch.randn(2, T, H, d, device="cuda")).bfloat16().requires_grad_()
+    bias = torch.rand(H * d, device="cuda").mul(15).log1p().requires_grad_()
+    z = torch.randn(2, T, H, d, device="cuda").bfloat16().requires_grad_()
+    leaves = [q, k, v, logits, bias, z]
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+
+    def call(fn, xs, **kwargs):
+        return fn(*xs[:4], L, gate_bias=xs[4], out_gate=xs[5], **kwargs)
+
+    ref = call(rat_mix_masked, ref_leaves)
+    weight = torch.randn_like(ref)
+    errs = errors(call(gpu.rat_mix_triton, leaves, engine=engine), leaves, ref, ref_leaves, weight)
+    errs_plain = errors(call(rat_mix_masked, leaves), leaves, ref, ref_leaves, weight)
+    names = ["y", "dq", "dk", "dv", "dlogits", "dbias", "dz"]
+    for name, e, e_plain in zip(names, errs, errs_plain, strict=True):
+        assert e <= 2 * e_plain + 1e-6, (name, e, e_plain)
+
+
 @pytest.mark.parametrize("engine", ["triton", "flex"])
 @pytest.mark.parametrize("L, T, position", [(16, 500, "rope"), (3, 100, "nope")])
 def test_fp32_matches_pytorch(engine, L, T, position):

@@ -13,6 +13,7 @@ import torch
 from ratlm.ops import backend, rat_mix
 from ratlm.ops.rat import engines, flash, flex, fused, gpu, merge, scan_kernels
 from ratlm.ops.rat.masked import rat_mix_masked
+from ratlm.ops.rat.naive import rat_mix_naive
 
 from .test_rat import rat_reference_fp64
 
@@ -81,6 +82,81 @@ def test_bf16_error_within_twice_plain_pytorch(engine, device):
         assert e <= 2 * e_plain, (name, e, e_plain)
 
 
+def gated_inputs(B, T, G, d, device, dtype=torch.float32):
+    """Leaves of the mixer's call: q, k, v, the forget gates' logits, the gate bias and z, all in dtype
+    but the bias (fp32, a parameter)."""
+    q, k, v, _ = inputs(B, T, G, d, device, dtype)
+    logits = (2 * torch.randn(B, T, H, d, device=device)).to(dtype).requires_grad_()
+    bias = torch.rand(H * d, device=device).mul(3).log1p().requires_grad_()  # chrono-like, in (0, 1.4)
+    z = torch.randn(B, T, H, d, device=device).to(dtype).requires_grad_()
+    return q, k, v, logits, bias, z
+
+
+def call_gated(fn, leaves, L, *args, **kwargs):
+    q, k, v, logits, bias, z = leaves
+    return fn(q, k, v, logits, L, *args, gate_bias=bias, out_gate=z, **kwargs)
+
+
+@pytest.mark.parametrize("engine", ["torch", "triton", "flex"])
+@pytest.mark.parametrize("B, L, T, G, d, position, base, scale", CASES)
+def test_fused_gates_match_reference(engine, B, L, T, G, d, position, base, scale, device, poison):
+    """Forget-gate logits + bias in the scan kernels, the output gate in the merge kernel (heads engines)
+    or after the attention (the others): outputs and the gradients of all six inputs."""
+    if engine == "flex" and device == "cpu":
+        pytest.skip("FlexAttention has no CPU backward")
+    poison(*KERNEL_MODULES)
+    leaves = gated_inputs(B, T, G, d, device)
+    out = call_gated(gpu.rat_mix_triton, leaves, L, position, base, scale, engine=engine)
+    ref = call_gated(rat_mix_masked, leaves, L, position, base, scale)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    weight = torch.randn_like(out)
+    grads = torch.autograd.grad((out * weight).sum(), leaves)
+    grads_ref = torch.autograd.grad((ref * weight).sum(), leaves)
+    for name, a, b in zip(["q", "k", "v", "logits", "bias", "z"], grads, grads_ref, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"grad {n}: {m}")
+
+
+def test_fused_gates_reference_twins_agree(device):
+    """The token-by-token twin forms the gates the same way as the vectorised path."""
+    leaves = [t.detach() for t in gated_inputs(1, 11, 2, 16, device)]
+    torch.testing.assert_close(
+        call_gated(rat_mix_naive, leaves, 4), call_gated(rat_mix_masked, leaves, 4), rtol=1e-5, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("engine", ["torch", "triton"])
+def test_fused_gates_bf16_error_within_twice_plain_pytorch(engine, device):
+    """STYLE's tolerance rule with both gates fused, for the output and all six gradients."""
+    L, T, G, d = 4, 30, 2, 16
+    leaves = [t.detach().requires_grad_() for t in gated_inputs(1, T, G, d, device, torch.bfloat16)]
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    ref = call_gated(rat_mix_masked, leaves64, L)
+    weight = torch.randn_like(ref)
+    grads_ref = torch.autograd.grad((ref * weight).sum(), leaves64)
+
+    def errors(out):
+        grads = torch.autograd.grad((out.double() * weight).sum(), leaves)
+        return [
+            float((a.detach().double() - b.detach()).abs().max())
+            for a, b in zip([out, *grads], [ref, *grads_ref], strict=True)
+        ]
+
+    errs = errors(call_gated(gpu.rat_mix_triton, leaves, L, engine=engine))
+    errs_plain = errors(call_gated(rat_mix_masked, leaves, L))
+    names = ["y", "dq", "dk", "dv", "dlogits", "dbias", "dz"]
+    for name, e, e_plain in zip(names, errs, errs_plain, strict=True):
+        assert e <= 2 * e_plain, (name, e, e_plain)
+
+
+def test_gate_arguments_are_checked(device):
+    q, k, v, logits, bias, z = (t.detach() for t in gated_inputs(1, 9, 2, 16, device))
+    with pytest.raises(ValueError, match="gate_bias must have"):
+        rat_mix(q, k, v, logits, 4, gate_bias=bias[:-1])
+    with pytest.raises(ValueError, match="out_gate must have"):
+        rat_mix(q, k, v, logits, 4, out_gate=z[:, :-1])
+
+
 def test_flex_path_scan_function_with_dense_attention(device, poison):
     """The flex path's scan (queries and [summaries ; own states] straight into FlexAttention's buffers,
     and its backward) with a dense masked softmax standing in for FlexAttention."""
@@ -88,7 +164,7 @@ def test_flex_path_scan_function_with_dense_attention(device, poison):
     L, T, G, d = 4, 22, 2, 16
     leaves = inputs(2, T, G, d, device)
     mask, Cp = flex.rat_block_mask(T, L, device)
-    qt, kx, vx = flex.RatScanExtFunction.apply(*leaves, L, True, 10000.0, Cp)
+    qt, kx, vx = flex.RatScanExtFunction.apply(*leaves, None, L, True, 10000.0, Cp)
     visible = mask.mask_mod(
         0, 0, torch.arange(T, device=device)[:, None], torch.arange(Cp + T, device=device)
     )

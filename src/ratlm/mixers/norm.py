@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..ops.norm import rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -14,4 +15,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+        # under autocast the next op is a matmul in the autocast dtype: round to it once, here
+        kind = x.device.type
+        out_dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+        return rms_norm(x, self.weight, self.eps, out_dtype)

@@ -38,19 +38,19 @@ class RAT(nn.Module):
 
     def forward(self, x: Tensor, state: RATState | None = None) -> Tensor:
         B, T, D = x.shape
-        H, d, G = self.n_heads, self.head_dim, self.n_groups
+        d, G = self.head_dim, self.n_groups
         u = self.in_proj(self.norm(x))
         if state is not None and T == 1:
             return self._step(x, u, state)
-        z, v, g, q, k = u.split([D, D, D, G * d, G * d], dim=-1)
-        g = torch.sigmoid(g.float() + self.gate_bias.float()).view(B, T, H, d)
-        q, k, v = q.view(B, T, G, d), k.view(B, T, G, d), v.view(B, T, H, d)
+        z, v, g, q, k = (t.view(B, T, -1, d) for t in u.split([D, D, D, G * d, G * d], dim=-1))
+        # the op applies both gates: sigmoid(g + gate_bias) in fp32 and the output gate sigmoid(z)
         args = (self.chunk_size, self.position, self.rope_base, d**-0.5)
+        gates = dict(gate_bias=self.gate_bias, out_gate=z)
         if state is None:
-            y = rat_mix(q, k, v, g, *args)
+            y = rat_mix(q, k, v, g, *args, **gates)
         else:
-            y = rat_mix_cached(q, k, v, g, state, *args)
-        return x + self.out_proj(torch.sigmoid(z) * y.reshape(B, T, D))
+            y = rat_mix_cached(q, k, v, g, state, *args, **gates)
+        return x + self.out_proj(y.reshape(B, T, D))
 
     def _step(self, x: Tensor, u: Tensor, state: RATState) -> Tensor:
         """One token per sequence, its position read on the device: the path a CUDA graph captures."""

@@ -7,6 +7,7 @@ from torch import Tensor
 
 from ...cache import RATState, move_to
 from ..rope import apply_rope, rope_cos_sin
+from .gates import forget_gate, output_gate
 from .masked import chunk_attention_masked, scan_states
 
 
@@ -20,6 +21,9 @@ def rat_mix_cached(
     position: str = "rope",
     rope_base: float = 10000.0,
     scale: float | None = None,
+    *,
+    gate_bias: Tensor | None = None,
+    out_gate: Tensor | None = None,
 ) -> Tensor:
     """Like `rat_mix` on the tokens that follow those already in `state`, which is updated in place.
 
@@ -30,11 +34,12 @@ def rat_mix_cached(
     """
     from . import rat_mix, rat_mix_check  # the package's dispatcher, which imports this module
 
-    rat_mix_check(q, k, v, g, chunk_size, position)
+    rat_mix_check(q, k, v, g, chunk_size, position, gate_bias, out_gate)
     B, T, H, d = v.shape
     L, n0 = chunk_size, state.seen
     scale = d**-0.5 if scale is None else scale
-    vs, ks = scan_states(v, k, g, L, offset=n0, initial=(state.v_run, state.k_run))  # [B, T, H, d] fp32
+    gate = forget_gate(g, gate_bias)
+    vs, ks = scan_states(v, k, gate, L, offset=n0, initial=(state.v_run, state.k_run))  # [B, T, H, d] fp32
     state.v_run.copy_(vs[:, -1])
     state.k_run.copy_(ks[:, -1])
     move_to(state, n0 + T)
@@ -45,7 +50,7 @@ def rat_mix_cached(
         # a fresh prefill: the outputs from the full-sequence op, the cache from the chunk-end states
         k_end, v_end = (s[:, ends].to(v.dtype).transpose(1, 2) for s in (ks, vs))
         _store_summaries(state, k_end, v_end, chunk_ids[ends], position, rope_base)
-        return rat_mix(q, k, v, g, L, position, rope_base, scale)
+        return rat_mix(q, k, v, g, L, position, rope_base, scale, gate_bias=gate_bias, out_gate=out_gate)
     vs = vs.to(v.dtype).transpose(1, 2)  # [B, H, T, d]
     ks = ks.to(v.dtype).transpose(1, 2)
     q = q.repeat(1, 1, H // q.shape[2], 1).transpose(1, 2)
@@ -56,7 +61,8 @@ def rat_mix_cached(
     c_last = (n0 + T - 1) // L
     k_sum = state.keys[:, :, :c_last].to(q.dtype)
     v_sum = state.values[:, :, :c_last].to(vs.dtype)
-    return chunk_attention_masked(q, ks, vs, k_sum, v_sum, chunk_ids, scale).transpose(1, 2)
+    y = chunk_attention_masked(q, ks, vs, k_sum, v_sum, chunk_ids, scale).transpose(1, 2)
+    return output_gate(y, out_gate)
 
 
 def _store_summaries(

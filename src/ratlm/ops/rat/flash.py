@@ -205,40 +205,42 @@ def flash_bwd(qo, ksum, vsum, dy, lse, dd, L: int, scale: float):
 
 class RatFlashFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, g, L, rope, rope_base, scale):
+    def forward(ctx, q, k, v, g, gate_bias, L, rope, rope_base, scale):
         B, T, H, d = v.shape
         C = triton.cdiv(T, L)
         cos, sin = rope_tables(C, d, rope_base, v.device) if rope else (None, None)
         qo, vs, ks = (torch.empty(B, T, H, d, device=v.device, dtype=v.dtype) for _ in range(3))
         vsum, ksum = (torch.empty(B, C, H, d, device=v.device, dtype=v.dtype) for _ in range(2))
-        rat_scan_fwd(q, k, v, g, L, rope, cos, sin, qo, "bthd", vs, ks, "bthd", vsum, ksum, "bchd")
+        rat_scan_fwd(q, k, v, g, L, rope, cos, sin, qo, "bthd", vs, ks, "bthd", vsum, ksum, "bchd", gate_bias)
         y, lse = flash_fwd(qo, ks, vs, ksum, vsum, L, scale)
-        ctx.save_for_backward(k, v, g, qo, vs, ks, vsum, ksum, y, lse)
+        ctx.save_for_backward(k, v, g, gate_bias, qo, vs, ks, vsum, ksum, y, lse)
         ctx.args = (L, rope, rope_base, scale, q.dtype)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        k, v, g, qo, vs, ks, vsum, ksum, y, lse = ctx.saved_tensors
+        k, v, g, gate_bias, qo, vs, ks, vsum, ksum, y, lse = ctx.saved_tensors
         L, rope, rope_base, scale, q_dtype = ctx.args
         T, d = v.shape[1], v.shape[3]
         C = triton.cdiv(T, L)
         cos, sin = rope_tables(C, d, rope_base, v.device) if rope else (None, None)
         dy = dy.contiguous()  # the kernels share one set of token strides between qo and dy
-        dqa, dvs, dks, dd = own_bwd(qo, "bthd", vs, ks, "bthd", y, "bthd", lse, "bht", 1.0, dy, L, scale,
+        dqa, dvs, dks, dd, _ = own_bwd(qo, "bthd", vs, ks, "bthd", y, "bthd", lse, "bht", 1.0, dy, L, scale,
                                     want_dd=True)  # fmt: skip
         dqb = dksum = dvsum = None
         if C > 1:
             dqb, dksum, dvsum = flash_bwd(qo, ksum, vsum, dy, lse, dd, L, scale)
-        dq, dk, dv, dg = rat_scan_bwd(
+        dq, dk, dv, dg, dbias = rat_scan_bwd(
             k, v, g, L, rope, cos, sin, dqa, "bthd", dqb, "bthd", dvs, dks, "bthd",
-            dvsum, dksum, "bchd", C - 1, q_dtype,
+            dvsum, dksum, "bchd", C - 1, q_dtype, gate_bias,
         )  # fmt: skip
-        return dq, dk, dv, dg, None, None, None, None
+        return dq, dk, dv, dg, dbias, None, None, None, None
 
 
 def rat_mix_flash(
-    q: Tensor, k: Tensor, v: Tensor, g: Tensor, chunk_size: int, rope: bool, rope_base: float, scale: float
-) -> Tensor:
-    """RAT's core with the fused Triton attention (inputs validated by the caller). [B, T, H, d]."""
-    return RatFlashFunction.apply(q, k, v, g, chunk_size, rope, rope_base, scale)
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, chunk_size: int, rope: bool, rope_base: float, scale: float,
+    gate_bias: Tensor | None = None,
+) -> Tensor:  # fmt: skip
+    """RAT's core with the fused Triton attention (inputs validated by the caller). [B, T, H, d].
+    With gate_bias, g holds the forget gates' logits (see `rat_mix`)."""
+    return RatFlashFunction.apply(q, k, v, g, gate_bias, chunk_size, rope, rope_base, scale)

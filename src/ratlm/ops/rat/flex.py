@@ -53,7 +53,7 @@ class RatScanExtFunction(torch.autograd.Function):
     """Scan into FlexAttention's buffers: queries [B, H, T, d], keys and values [B, H, Cp + T, d]."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, L, rope, rope_base, Cp):
+    def forward(ctx, q, k, v, g, gate_bias, L, rope, rope_base, Cp):
         B, T, H, d = v.shape
         C = triton.cdiv(T, L)
         cos, sin = rope_tables(C, d, rope_base, v.device) if rope else (None, None)
@@ -63,15 +63,15 @@ class RatScanExtFunction(torch.autograd.Function):
             x[:, :, max(C - 1, 0) : Cp].zero_()
         rat_scan_fwd(
             q, k, v, g, L, rope, cos, sin, qt, "bhtd",
-            vx[:, :, Cp:], kx[:, :, Cp:], "bhtd", vx[:, :, :Cp], kx[:, :, :Cp], "bhcd",
+            vx[:, :, Cp:], kx[:, :, Cp:], "bhtd", vx[:, :, :Cp], kx[:, :, :Cp], "bhcd", gate_bias,
         )  # fmt: skip
-        ctx.save_for_backward(k, v, g)
+        ctx.save_for_backward(k, v, g, gate_bias)
         ctx.args = (L, rope, rope_base, Cp, q.dtype)
         return qt, kx, vx
 
     @staticmethod
     def backward(ctx, dqt, dkx, dvx):
-        k, v, g = ctx.saved_tensors
+        k, v, g, gate_bias = ctx.saved_tensors
         L, rope, rope_base, Cp, q_dtype = ctx.args
         T = v.shape[1]
         C = triton.cdiv(T, L)
@@ -82,19 +82,21 @@ class RatScanExtFunction(torch.autograd.Function):
         dvx = dvx if dvx is not None else v.new_zeros(shape)
         if dkx.stride() != dvx.stride():
             dkx, dvx = dkx.contiguous(), dvx.contiguous()
-        dq, dk, dv, dg = rat_scan_bwd(
+        dq, dk, dv, dg, dbias = rat_scan_bwd(
             k, v, g, L, rope, cos, sin, dqt, "bhtd", None, "heads", dvx[:, :, Cp:], dkx[:, :, Cp:], "bhtd",
-            dvx[:, :, :Cp], dkx[:, :, :Cp], "bhcd", C - 1, q_dtype,
+            dvx[:, :, :Cp], dkx[:, :, :Cp], "bhcd", C - 1, q_dtype, gate_bias,
         )  # fmt: skip
-        return dq, dk, dv, dg, None, None, None, None
+        return dq, dk, dv, dg, dbias, None, None, None, None
 
 
 def rat_mix_flex(
-    q: Tensor, k: Tensor, v: Tensor, g: Tensor, chunk_size: int, rope: bool, rope_base: float, scale: float
-) -> Tensor:
-    """RAT's core with FlexAttention (inputs validated by the caller). Returns [B, T, H, d] (a view)."""
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, chunk_size: int, rope: bool, rope_base: float, scale: float,
+    gate_bias: Tensor | None = None,
+) -> Tensor:  # fmt: skip
+    """RAT's core with FlexAttention (inputs validated by the caller). Returns [B, T, H, d] (a view).
+    With gate_bias, g holds the forget gates' logits (see `rat_mix`)."""
     T = v.shape[1]
     mask, Cp = rat_block_mask(T, chunk_size, v.device)
-    qt, kx, vx = RatScanExtFunction.apply(q, k, v, g, chunk_size, rope, rope_base, Cp)
+    qt, kx, vx = RatScanExtFunction.apply(q, k, v, g, gate_bias, chunk_size, rope, rope_base, Cp)
     y = flex_attention_fn(qt.is_cuda)(qt, kx, vx, block_mask=mask, scale=scale)
     return y.transpose(1, 2)

@@ -22,7 +22,7 @@ from .scan_kernels import rat_scan_bwd, rat_scan_fwd, rope_tables
 
 class RatChunkHeadsFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, g, L, rope, rope_base, scale, engine):
+    def forward(ctx, q, k, v, g, gate_bias, z, L, rope, rope_base, scale, engine):
         B, T, H, d = v.shape
         C = triton.cdiv(T, L)
         dev, dt = v.device, v.dtype
@@ -30,7 +30,8 @@ class RatChunkHeadsFunction(torch.autograd.Function):
         qo = torch.empty(B, C, H, L, d, device=dev, dtype=dt)
         vs, ks = (torch.empty(B, T, H, d, device=dev, dtype=dt) for _ in range(2))
         vsum, ksum = (torch.empty(B, C, H, d, device=dev, dtype=dt) for _ in range(2))
-        rat_scan_fwd(q, k, v, g, L, rope, cos, sin, qo, "bchld", vs, ks, "bthd", vsum, ksum, "bchd")
+        states = (vs, ks, "bthd", vsum, ksum, "bchd")
+        rat_scan_fwd(q, k, v, g, L, rope, cos, sin, qo, "bchld", *states, gate_bias)
         y = torch.empty(B, T, H, d, device=dev, dtype=dt)
         o = lse = state = qp = kp = vp = None
         if C > 1:
@@ -39,14 +40,14 @@ class RatChunkHeadsFunction(torch.autograd.Function):
             vp = vsum[:, : C - 1].transpose(1, 2)
             o, lse, state = engine.forward(qp, kp, vp, scale)
         unit = getattr(engine, "unit", 1.0)
-        merge_fwd(qo, "bchld", vs, ks, "bthd", o, "heads", lse, "heads", unit, y, L, scale)
-        ctx.save_for_backward(k, v, g, qo, vs, ks, vsum, ksum, o, lse)
+        merge_fwd(qo, "bchld", vs, ks, "bthd", o, "heads", lse, "heads", unit, y, L, scale, z)
+        ctx.save_for_backward(k, v, g, gate_bias, z, qo, vs, ks, vsum, ksum, o, lse)
         ctx.args = (L, rope, rope_base, scale, engine, state, q.dtype)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        k, v, g, qo, vs, ks, vsum, ksum, o, lse = ctx.saved_tensors
+        k, v, g, gate_bias, z, qo, vs, ks, vsum, ksum, o, lse = ctx.saved_tensors
         L, rope, rope_base, scale, engine, state, q_dtype = ctx.args
         B, T, H, d = v.shape
         C = triton.cdiv(T, L)
@@ -57,8 +58,8 @@ class RatChunkHeadsFunction(torch.autograd.Function):
         if C > 1:  # padding rows of a partial last chunk must hold zeros, not garbage, for the engine
             alloc = torch.zeros if T % L else torch.empty
             dop = alloc(B, C, H, L, d, device=v.device, dtype=v.dtype)
-        dqa, dvs, dks, _ = own_bwd(
-            qo, "bchld", vs, ks, "bthd", o, "heads", lse, "heads", unit, dy, L, scale, dop
+        dqa, dvs, dks, _, dz = own_bwd(
+            qo, "bchld", vs, ks, "bthd", o, "heads", lse, "heads", unit, dy, L, scale, dop, z=z
         )
         dqb = dkp = dvp = None
         if C > 1:
@@ -67,11 +68,11 @@ class RatChunkHeadsFunction(torch.autograd.Function):
             vp = vsum[:, : C - 1].transpose(1, 2)
             dopp = dop.view(B, C, H * L, d)[:, 1:].transpose(1, 2)
             dqb, dkp, dvp = engine.backward(dopp, qp, kp, vp, o, lse, state, scale)
-        dq, dk, dv, dg = rat_scan_bwd(
+        dq, dk, dv, dg, dbias = rat_scan_bwd(
             k, v, g, L, rope, cos, sin, dqa, "bthd", dqb, "heads", dvs, dks, "bthd",
-            dvp, dkp, "bhcd", C - 1, q_dtype,
+            dvp, dkp, "bhcd", C - 1, q_dtype, gate_bias,
         )  # fmt: skip
-        return dq, dk, dv, dg, None, None, None, None, None
+        return dq, dk, dv, dg, dbias, dz, None, None, None, None, None
 
 
 def rat_mix_chunk_heads(
@@ -84,6 +85,10 @@ def rat_mix_chunk_heads(
     rope_base: float,
     scale: float,
     engine,
+    gate_bias: Tensor | None = None,
+    z: Tensor | None = None,
 ) -> Tensor:
-    """RAT's core with the chunks-as-heads engine given (inputs validated by the caller). [B, T, H, d]."""
-    return RatChunkHeadsFunction.apply(q, k, v, g, chunk_size, rope, rope_base, scale, engine)
+    """RAT's core with the chunks-as-heads engine given (inputs validated by the caller). [B, T, H, d].
+    With gate_bias, g holds the forget gates' logits; with z the result is gated by sigmoid(z) in the merge
+    kernel (see `rat_mix`)."""
+    return RatChunkHeadsFunction.apply(q, k, v, g, gate_bias, z, chunk_size, rope, rope_base, scale, engine)

@@ -22,18 +22,23 @@ last_engine: str | None = None  # the engine of the latest call, for benchmarks 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def unsupported_reason(q: Tensor, k: Tensor, v: Tensor, g: Tensor, chunk_size: int) -> str | None:
+def unsupported_reason(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, chunk_size: int, gate_bias=None, out_gate=None
+) -> str | None:  # fmt: skip
     """Why the GPU path cannot take these inputs (None when it can); shapes are checked by the caller."""
     d = v.shape[3]
+    gates = [t for t in (gate_bias, out_gate) if t is not None]
     if not (q.dtype == k.dtype == v.dtype and v.dtype in _FLOATS and g.dtype in _FLOATS):
         return f"dtypes q {q.dtype}, k {k.dtype}, v {v.dtype}, g {g.dtype}"
+    if any(t.dtype not in _FLOATS for t in gates):
+        return f"gate dtypes {[t.dtype for t in gates]}"
     if d < 8 or d > 256 or d & (d - 1):
         return f"head width {d} (a power of two from 8 to 256 is needed)"
     if chunk_size > MAX_CHUNK:
         return f"chunk size {chunk_size} > {MAX_CHUNK}"
     if v.shape[1] == 0:
         return "empty sequence"
-    if len({t.device for t in (q, k, v, g)}) > 1:
+    if len({t.device for t in (q, k, v, g, *gates)}) > 1:
         return "inputs on different devices"
     return None
 
@@ -71,23 +76,30 @@ def rat_mix_triton(
     rope_base: float = 10000.0,
     scale: float | None = None,
     *,
+    gate_bias: Tensor | None = None,
+    out_gate: Tensor | None = None,
     engine: str = "auto",
 ) -> Tensor:
     """`ratlm.ops.rat_mix` with the Triton scan kernels and the given attention engine (see ENGINES).
 
     Same contract as `rat_mix` (q, k [B, T, G, d]; v, g [B, T, H, d]; returns [B, T, H, d] in v's dtype,
-    possibly a non-contiguous view). Runs on CUDA, or on CPU under TRITON_INTERPRET=1 (engines "torch"
-    and "triton"; "flex" forward only). Raises ValueError for inputs or engines that cannot run.
+    possibly a non-contiguous view). The scan kernels apply gate_bias's sigmoid themselves; the
+    chunks-as-heads engines ("cudnn", "torch") apply out_gate in their merge kernel, the others after it.
+    Runs on CUDA, or on CPU under TRITON_INTERPRET=1 (engines "torch" and "triton"; "flex" forward only).
+    Raises ValueError for inputs or engines that cannot run.
     """
     from ..scan.kernel import unit_last_stride
     from . import rat_mix_check
+    from .gates import output_gate
 
-    rat_mix_check(q, k, v, g, chunk_size, position)
-    reason = unsupported_reason(q, k, v, g, chunk_size)
+    rat_mix_check(q, k, v, g, chunk_size, position, gate_bias, out_gate)
+    reason = unsupported_reason(q, k, v, g, chunk_size, gate_bias, out_gate)
     if reason is not None:
         raise ValueError(f"rat_mix_triton: {reason}")
     # the kernels take any strides but a unit one along the head vector (views of a projection have it)
     q, k, v, g = (unit_last_stride(t) for t in (q, k, v, g))
+    z = None if out_gate is None else unit_last_stride(out_gate)
+    bias = None if gate_bias is None else gate_bias.reshape(-1).contiguous()
     d = v.shape[3]
     scale = d**-0.5 if scale is None else scale
     global last_engine
@@ -102,16 +114,16 @@ def rat_mix_triton(
         if kind == "flex":
             from .flex import rat_mix_flex
 
-            y = rat_mix_flex(q, k, v, g, chunk_size, rope, rope_base, scale)
+            y = output_gate(rat_mix_flex(q, k, v, g, chunk_size, rope, rope_base, scale, bias), z)
         elif kind == "flash":
             from .flash import rat_mix_flash
 
-            y = rat_mix_flash(q, k, v, g, chunk_size, rope, rope_base, scale)
+            y = output_gate(rat_mix_flash(q, k, v, g, chunk_size, rope, rope_base, scale, bias), z)
         else:
             from .fused import rat_mix_chunk_heads
 
             try:
-                y = rat_mix_chunk_heads(q, k, v, g, chunk_size, rope, rope_base, scale, obj)
+                y = rat_mix_chunk_heads(q, k, v, g, chunk_size, rope, rope_base, scale, obj, bias, z)
             except RuntimeError as e:  # e.g. cuDNN finding no plan for a size its probe did not cover
                 if engine != "auto":
                     raise
@@ -124,16 +136,19 @@ def rat_mix_triton(
 
 # a model under torch.compile runs this eagerly: kernel choice, probes and caches are host logic
 @torch.compiler.disable
-def rat_mix_gpu_or_none(q, k, v, g, chunk_size, position, rope_base, scale) -> Tensor | None:
+def rat_mix_gpu_or_none(
+    q, k, v, g, chunk_size, position, rope_base, scale, *, gate_bias=None, out_gate=None
+) -> Tensor | None:  # fmt: skip
     """The GPU path when the backend and the inputs allow it, else None (the reason is logged)."""
-    reason = unsupported_reason(q, k, v, g, chunk_size)
+    reason = unsupported_reason(q, k, v, g, chunk_size, gate_bias, out_gate)
     if reason is not None:
         fallback("rat_mix", reason)
         return None
     backend = get_backend()
+    gates = dict(gate_bias=gate_bias, out_gate=out_gate)
     for engine in dict.fromkeys((backend if backend in ENGINES else "auto", "auto")):
         try:
-            return rat_mix_triton(q, k, v, g, chunk_size, position, rope_base, scale, engine=engine)
+            return rat_mix_triton(q, k, v, g, chunk_size, position, rope_base, scale, **gates, engine=engine)
         except ValueError as e:
             fallback("rat_mix", str(e))
     return None

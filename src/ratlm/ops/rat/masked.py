@@ -11,6 +11,7 @@ from torch import Tensor
 
 from ..rope import apply_rope, rope_cos_sin
 from ..scan import gated_scan
+from .gates import forget_gate, output_gate
 
 
 def chunk_attention_masked(
@@ -50,11 +51,14 @@ def rat_mix_masked(
     position: str = "rope",
     rope_base: float = 10000.0,
     scale: float | None = None,
+    *,
+    gate_bias: Tensor | None = None,
+    out_gate: Tensor | None = None,
 ) -> Tensor:
     B, T, H, d = v.shape
     L = chunk_size
     scale = d**-0.5 if scale is None else scale
-    vs, ks = scan_states(v, k, g, L)
+    vs, ks = scan_states(v, k, forget_gate(g, gate_bias), L)
     vs = vs.to(v.dtype).transpose(1, 2)  # [B, H, T, d]
     ks = ks.to(v.dtype).transpose(1, 2)
     q = q.repeat(1, 1, H // q.shape[2], 1).transpose(1, 2)  # [B, H, T, d]
@@ -63,4 +67,4 @@ def rat_mix_masked(
         cos, sin = rope_cos_sin(chunk_ids, d, rope_base)
         q, ks = apply_rope(q, cos, sin), apply_rope(ks, cos, sin)
     y = chunk_attention_masked(q, ks, vs, ks[:, :, L - 1 :: L], vs[:, :, L - 1 :: L], chunk_ids, scale)
-    return y.transpose(1, 2)  # [B, T, H, d]
+    return output_gate(y.transpose(1, 2), out_gate)  # [B, T, H, d]

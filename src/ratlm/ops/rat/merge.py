@@ -33,13 +33,14 @@ def _token_ptrs(base, off, sb, sc, sl, sh, b, c, l, h):
 
 @triton.jit
 def _merge_fwd_kernel(
-    QO, KS, VS, OS, LSE, Y, T, L, scale, unit,
+    QO, KS, VS, OS, LSE, Z, Y, T, L, scale, unit,
     so_b, so_c, so_l, so_h, so_off,
     ss_b, ss_c, ss_l, ss_h, ss_off,
     sa_b, sa_c, sa_l, sa_h, sa_off,
     sl_b, sl_c, sl_l, sl_h, sl_off,
+    sz_b, sz_c, sz_l, sz_h, sz_off,
     sy_b, sy_c, sy_l, sy_h, sy_off,
-    H: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, HAS_SUM: tl.constexpr,
+    H: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, HAS_SUM: tl.constexpr, HAS_Z: tl.constexpr,
 ):  # fmt: skip
     b = (tl.program_id(1) // H).to(tl.int64)
     h = tl.program_id(1) % H
@@ -70,21 +71,25 @@ def _merge_fwd_kernel(
         tl.store(p_lse, (mx + tl.log(den)) / unit, mask=has)
     else:
         y = v
+    if HAS_Z:  # the output gate sigmoid(z); the engine's buffer keeps the ungated output for the backward
+        p_z = _token_ptrs(Z, sz_off, sz_b, sz_c, sz_l, sz_h, b, c, l, h)[:, None] + e
+        y = y * tl.sigmoid(tl.load(p_z, mask=m2, other=0.0).to(tl.float32))
     p_y = _token_ptrs(Y, sy_off, sy_b, sy_c, sy_l, sy_h, b, c, l, h)[:, None] + e
     tl.store(p_y, round_to(y, Y.dtype.element_ty), mask=m2)
 
 
 @triton.jit
 def _own_bwd_kernel(
-    QO, KS, VS, OS, DY, LSE, DOP, DQA, DVS, DKS, DD, T, L, scale, unit,
+    QO, KS, VS, OS, DY, LSE, Z, DOP, DQA, DVS, DKS, DZ, DD, T, L, scale, unit,
     so_b, so_c, so_l, so_h, so_off,
     ss_b, ss_c, ss_l, ss_h, ss_off,
     sa_b, sa_c, sa_l, sa_h, sa_off,
     sl_b, sl_c, sl_l, sl_h, sl_off,
     sd_b, sd_c, sd_l, sd_h, sd_off,
+    sz_b, sz_c, sz_l, sz_h, sz_off,
     sp_b, sp_c, sp_l, sp_h, sp_off,
     sg_b, sg_c, sg_l, sg_h, sg_off,
-    H: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, HAS_SUM: tl.constexpr,
+    H: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, HAS_SUM: tl.constexpr, HAS_Z: tl.constexpr,
     WRITE_DOP: tl.constexpr, WRITE_DD: tl.constexpr,
 ):  # fmt: skip
     b = (tl.program_id(1) // H).to(tl.int64)
@@ -103,16 +108,26 @@ def _own_bwd_kernel(
     k = k.to(tl.float32)
     v = v.to(tl.float32)
     dyf = dy.to(tl.float32)
+    if HAS_SUM:
+        has = valid & (c >= 1)
+        p_o = _token_ptrs(OS, sa_off, sa_b, sa_c, sa_l, sa_h, b, c, l, h)[:, None] + e
+        y = tl.where(has[:, None], tl.load(p_o, mask=has[:, None], other=0.0).to(tl.float32), v)
+    else:  # chunk 0 everywhere: y = v
+        y = v
+    if HAS_Z:  # dy is the gated output's gradient: z's gradient, then the ungated output's
+        p_z = _token_ptrs(Z, sz_off, sz_b, sz_c, sz_l, sz_h, b, c, l, h)[:, None] + e
+        gate = tl.sigmoid(tl.load(p_z, mask=m2, other=0.0).to(tl.float32))
+        p_g = _token_ptrs(DZ, sg_off, sg_b, sg_c, sg_l, sg_h, b, c, l, h)[:, None] + e
+        tl.store(p_g, round_to(dyf * y * gate * (1.0 - gate), DZ.dtype.element_ty), mask=m2)
+        dy = round_to(dyf * gate, DY.dtype.element_ty)  # rounded as a separate multiply would round it
+        dyf = dy.to(tl.float32)
     dvv = tl.sum(dyf * v, 1)
     if HAS_SUM:
         s = tl.sum(q * k, 1) * scale
-        has = valid & (c >= 1)
         lse = tl.load(_token_ptrs(LSE, sl_off, sl_b, sl_c, sl_l, sl_h, b, c, l, h), mask=has, other=0.0)
         p = tl.where(has, tl.exp(s - lse * unit), 1.0)
-        p_o = _token_ptrs(OS, sa_off, sa_b, sa_c, sa_l, sa_h, b, c, l, h)[:, None] + e
-        y = tl.where(has[:, None], tl.load(p_o, mask=has[:, None], other=0.0).to(tl.float32), v)
         dd = tl.sum(dyf * y, 1)
-    else:  # chunk 0 everywhere: y = v, the own key takes all the weight and has no score gradient
+    else:  # the own key takes all the weight and has no score gradient
         p = tl.full([BM], 1.0, tl.float32)
         dd = dvv
     ds = p * (dvv - dd)
@@ -134,43 +149,53 @@ def _rows(d: int) -> tuple[int, int]:
     return BM, 8 if BM * d >= 4096 else 4
 
 
-def merge_fwd(qo, qo_layout, vs, ks, s_layout, o, o_layout, lse, lse_layout, unit, y, L, scale):
-    """y (preallocated [B, T, H, d]) = own state merged with the summary attention (o, lse may be None)."""
+def merge_fwd(qo, qo_layout, vs, ks, s_layout, o, o_layout, lse, lse_layout, unit, y, L, scale, z=None):
+    """y (preallocated [B, T, H, d]) = own state merged with the summary attention (o, lse may be None),
+    times sigmoid(z) when z ([B, T, H, d], any strides with a unit last one) is given."""
     B, T, H, d = y.shape
     BM, warps = _rows(d)
     has_sum = o is not None
     zeros = (0,) * 5
     _merge_fwd_kernel[(triton.cdiv(T, BM), B * H)](
-        qo, ks, vs, o if has_sum else vs, lse if has_sum else vs, y, T, L, scale, unit,
+        qo, ks, vs, o if has_sum else vs, lse if has_sum else vs, z if z is not None else vs, y,
+        T, L, scale, unit,
         *token_strides(qo, qo_layout, L), *token_strides(vs, s_layout, L),
         *(token_strides(o, o_layout, L) if has_sum else zeros),
         *(token_strides(lse, lse_layout, L) if has_sum else zeros),
+        *(token_strides(z, "bthd", L) if z is not None else zeros),
         *token_strides(y, "bthd", L),
-        H=H, D=d, BM=BM, HAS_SUM=has_sum, num_warps=warps,
+        H=H, D=d, BM=BM, HAS_SUM=has_sum, HAS_Z=z is not None, num_warps=warps,
     )  # fmt: skip
 
 
 def own_bwd(
     qo, qo_layout, vs, ks, s_layout, o, o_layout, lse, lse_layout, unit, dy, L, scale,
-    dop=None, dop_layout="bchld", want_dd=False,
-) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:  # fmt: skip
+    dop=None, dop_layout="bchld", want_dd=False, z=None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:  # fmt: skip
     """Own-key gradients (dq part, dv~, dk~ as [B, T, H, d] in the activation dtype), optionally writing dy
-    into dop (the summary engine's layout) and D = rowsum(dy * y) as [B, H, T] fp32."""
+    into dop (the summary engine's layout) and D = rowsum(dy * y) as [B, H, T] fp32.
+
+    With z (the output gate's logits, as given to merge_fwd), dy is the gated output's gradient: z's
+    gradient is returned last (else None) and everything else uses the ungated output's gradient."""
     B, T, H, d = dy.shape
     BM, warps = _rows(d)
     has_sum = o is not None
     dqa, dvs, dks = (torch.empty(B, T, H, d, device=dy.device, dtype=vs.dtype) for _ in range(3))
     dd = torch.empty(B, H, T, device=dy.device, dtype=torch.float32) if want_dd else None
+    dz = torch.empty(B, T, H, d, device=dy.device, dtype=z.dtype) if z is not None else None
     zeros = (0,) * 5
     _own_bwd_kernel[(triton.cdiv(T, BM), B * H)](
-        qo, ks, vs, o if has_sum else vs, dy, lse if has_sum else vs,
-        dop if dop is not None else dy, dqa, dvs, dks, dd if want_dd else dy, T, L, scale, unit,
+        qo, ks, vs, o if has_sum else vs, dy, lse if has_sum else vs, z if z is not None else dy,
+        dop if dop is not None else dy, dqa, dvs, dks, dz if z is not None else dy, dd if want_dd else dy,
+        T, L, scale, unit,
         *token_strides(qo, qo_layout, L), *token_strides(vs, s_layout, L),
         *(token_strides(o, o_layout, L) if has_sum else zeros),
         *(token_strides(lse, lse_layout, L) if has_sum else zeros),
         *token_strides(dy, "bthd", L),
+        *(token_strides(z, "bthd", L) if z is not None else zeros),
         *(token_strides(dop, dop_layout, L) if dop is not None else zeros),
         *token_strides(dqa, "bthd", L),
-        H=H, D=d, BM=BM, HAS_SUM=has_sum, WRITE_DOP=dop is not None, WRITE_DD=want_dd, num_warps=warps,
+        H=H, D=d, BM=BM, HAS_SUM=has_sum, HAS_Z=z is not None, WRITE_DOP=dop is not None, WRITE_DD=want_dd,
+        num_warps=warps,
     )  # fmt: skip
-    return dqa, dvs, dks, dd
+    return dqa, dvs, dks, dd, dz

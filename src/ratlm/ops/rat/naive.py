@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from ..rope import apply_rope, rope_cos_sin
+from .gates import forget_gate, output_gate
 
 
 def chunk_attention_naive(
@@ -31,11 +32,15 @@ def rat_mix_naive(
     position: str = "rope",
     rope_base: float = 10000.0,
     scale: float | None = None,
+    *,
+    gate_bias: Tensor | None = None,
+    out_gate: Tensor | None = None,
 ) -> Tensor:
     """Same contract as `ratlm.ops.rat_mix`: recurrence, RoPE and attention written out token by token."""
     B, T, H, d = v.shape
     G = q.shape[2]
     scale = d**-0.5 if scale is None else scale
+    g = forget_gate(g, gate_bias)
     head_group = torch.arange(H) % G
     v_state = torch.zeros(B, H, d, device=v.device)
     k_state = torch.zeros(B, H, d, device=v.device)
@@ -62,4 +67,4 @@ def rat_mix_naive(
             v_sums.append(vt)
     if not out:
         return v.new_zeros(B, 0, H, d)
-    return torch.stack(out, dim=1).to(v.dtype)
+    return output_gate(torch.stack(out, dim=1).to(v.dtype), out_gate)

@@ -39,15 +39,24 @@ def _combine2(a1, x1, y1, a2, x2, y2):
 
 
 @triton.jit
+def _gate(ptr, mask, bias_ptr, LOGITS: tl.constexpr):
+    """The forget gate at ptr as fp32, zero where masked: the stored gate, or sigmoid(logit + bias)."""
+    x = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+    if LOGITS:
+        x = tl.where(mask, tl.sigmoid(x + tl.load(bias_ptr).to(tl.float32)[None, :]), 0.0)
+    return x
+
+
+@triton.jit
 def _rat_scan_fwd_kernel(
-    Q, K, V, G, COS, SIN, QO, VS, KS, VSUM, KSUM,
+    Q, K, V, G, BIAS, COS, SIN, QO, VS, KS, VSUM, KSUM,
     T, L, M, C, q_rows,
     sq_b, sq_t, sq_g, sk_b, sk_t, sk_g, sv_b, sv_t, sv_h, sg_b, sg_t, sg_h,
     so_b, so_c, so_l, so_h, so_off,
     ss_b, ss_c, ss_l, ss_h, ss_off,
     su_b, su_c, su_h, su_off,
     H: tl.constexpr, NG: tl.constexpr, HALF: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-    ROPE: tl.constexpr, WRITE_Q: tl.constexpr, WRITE_SUM: tl.constexpr,
+    ROPE: tl.constexpr, WRITE_Q: tl.constexpr, WRITE_SUM: tl.constexpr, LOGITS: tl.constexpr,
 ):  # fmt: skip
     pid_t = tl.program_id(0).to(tl.int64)
     b = (tl.program_id(1) // NG).to(tl.int64)
@@ -81,8 +90,8 @@ def _rat_scan_fwd_kernel(
         h = grp + j * NG
         row_g = G + b * sg_b + tok[:, None] * sg_t + h * sg_h
         row_v = V + b * sv_b + tok[:, None] * sv_t + h * sv_h
-        g1 = tl.load(row_g + i[None, :], mask=m2, other=0.0).to(tl.float32)
-        g2 = tl.load(row_g + HALF + i[None, :], mask=m2, other=0.0).to(tl.float32)
+        g1 = _gate(row_g + i[None, :], m2, BIAS + h * 2 * HALF + i, LOGITS)
+        g2 = _gate(row_g + HALF + i[None, :], m2, BIAS + h * 2 * HALF + HALF + i, LOGITS)
         v1 = tl.load(row_v + i[None, :], mask=m2, other=0.0).to(tl.float32)
         v2 = tl.load(row_v + HALF + i[None, :], mask=m2, other=0.0).to(tl.float32)
         a1 = tl.where((l == 0)[:, None], 0.0, g1)
@@ -115,7 +124,7 @@ def _rat_scan_fwd_kernel(
 
 @triton.jit
 def _rat_scan_bwd_kernel(
-    K, V, G, COS, SIN, DQA, DQB, DVS, DKS, DVSUM, DKSUM, DQ, DK, DV, DG,
+    K, V, G, BIAS, COS, SIN, DQA, DQB, DVS, DKS, DVSUM, DKSUM, DQ, DK, DV, DG, DBIAS,
     T, L, M, C, n_sum,
     sk_b, sk_t, sk_g, sv_b, sv_t, sv_h, sg_b, sg_t, sg_h,
     sa_b, sa_c, sa_l, sa_h, sa_off,
@@ -123,7 +132,7 @@ def _rat_scan_bwd_kernel(
     ss_b, ss_c, ss_l, ss_h, ss_off,
     su_b, su_c, su_h, su_off,
     H: tl.constexpr, NG: tl.constexpr, HALF: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-    ROPE: tl.constexpr, HAS_DQB: tl.constexpr, HAS_SUM: tl.constexpr,
+    ROPE: tl.constexpr, HAS_DQB: tl.constexpr, HAS_SUM: tl.constexpr, LOGITS: tl.constexpr,
 ):  # fmt: skip
     pid_t = tl.program_id(0).to(tl.int64)
     b = (tl.program_id(1) // NG).to(tl.int64)
@@ -156,13 +165,14 @@ def _rat_scan_bwd_kernel(
         h = grp + j * NG
         row_g = G + b * sg_b + tok[:, None] * sg_t + h * sg_h + i[None, :]
         row_v = V + b * sv_b + tok[:, None] * sv_t + h * sv_h + i[None, :]
-        g1 = tl.load(row_g, mask=m2, other=0.0).to(tl.float32)
-        g2 = tl.load(row_g + HALF, mask=m2, other=0.0).to(tl.float32)
+        bias = BIAS + h * 2 * HALF + i
+        g1 = _gate(row_g, m2, bias, LOGITS)
+        g2 = _gate(row_g + HALF, m2, bias + HALF, LOGITS)
         v1 = tl.load(row_v, mask=m2, other=0.0).to(tl.float32)
         v2 = tl.load(row_v + HALF, mask=m2, other=0.0).to(tl.float32)
         # states before each token: scan of the inputs shifted down one row (zero at chunk starts)
-        g1p = tl.load(row_g - sg_t, mask=m_prev, other=0.0).to(tl.float32)
-        g2p = tl.load(row_g - sg_t + HALF, mask=m_prev, other=0.0).to(tl.float32)
+        g1p = _gate(row_g - sg_t, m_prev, bias, LOGITS)
+        g2p = _gate(row_g - sg_t + HALF, m_prev, bias + HALF, LOGITS)
         v1p = tl.load(row_v - sv_t, mask=m_prev, other=0.0).to(tl.float32)
         v2p = tl.load(row_v - sv_t + HALF, mask=m_prev, other=0.0).to(tl.float32)
         _, hv1, hk1 = tl.associative_scan((g1p, (1.0 - g1p) * v1p, (1.0 - g1p) * k1p), 0, _combine2)
@@ -182,8 +192,8 @@ def _rat_scan_bwd_kernel(
             dr2 += tl.load(DKSUM + row_u + HALF, mask=m_u, other=0.0).to(tl.float32)
         if ROPE:  # gradient through the rotation: its transpose
             dr1, dr2 = dr1 * cos + dr2 * sin, dr2 * cos - dr1 * sin
-        g1n = tl.load(row_g + sg_t, mask=m_next, other=0.0).to(tl.float32)
-        g2n = tl.load(row_g + sg_t + HALF, mask=m_next, other=0.0).to(tl.float32)
+        g1n = _gate(row_g + sg_t, m_next, bias, LOGITS)
+        g2n = _gate(row_g + sg_t + HALF, m_next, bias + HALF, LOGITS)
         _, dhv1, dhk1 = tl.associative_scan((g1n, dv1, dr1), 0, _combine2, reverse=True)
         _, dhv2, dhk2 = tl.associative_scan((g2n, dv2, dr2), 0, _combine2, reverse=True)
 
@@ -193,6 +203,12 @@ def _rat_scan_bwd_kernel(
         row_dg = DG + b * T * H * 2 * HALF + tok[:, None] * H * 2 * HALF + h * 2 * HALF + i[None, :]
         dg1 = dhv1 * (hv1 - v1) + dhk1 * (hk1 - k1)
         dg2 = dhv2 * (hv2 - v2) + dhk2 * (hk2 - k2)
+        if LOGITS:  # through the sigmoid; the bias gradient summed over this tile's rows
+            dg1 = tl.where(m2, dg1 * g1 * (1.0 - g1), 0.0)
+            dg2 = tl.where(m2, dg2 * g2 * (1.0 - g2), 0.0)
+            row_db = DBIAS + (pid_t * (tl.num_programs(1) // NG) + b) * H * 2 * HALF
+            tl.store(row_db + h * 2 * HALF + i, tl.sum(dg1, 0))
+            tl.store(row_db + h * 2 * HALF + HALF + i, tl.sum(dg2, 0))
         tl.store(row_dg, round_to(dg1, DG.dtype.element_ty), mask=m2)
         tl.store(row_dg + HALF, round_to(dg2, DG.dtype.element_ty), mask=m2)
         dk1 += (1.0 - g1) * dhk1
@@ -268,8 +284,13 @@ def tile_shape(L: int, d: int, budget: int) -> tuple[int, int, int]:
     return BT, M, BD
 
 
-def rat_scan_fwd(q, k, v, g, L, rope, cos, sin, qo, qo_layout, vs, ks, s_layout, vsum, ksum, sum_layout):
-    """Launch the forward scan; outputs are preallocated (qo, vsum and ksum may be None)."""
+def rat_scan_fwd(
+    q, k, v, g, L, rope, cos, sin, qo, qo_layout, vs, ks, s_layout, vsum, ksum, sum_layout, gate_bias=None
+):  # fmt: skip
+    """Launch the forward scan; outputs are preallocated (qo, vsum and ksum may be None).
+
+    g holds the forget gates, or with gate_bias ([H * d]) their logits: the gate is sigmoid(g + gate_bias).
+    """
     B, T, H, d = v.shape
     G = k.shape[2]
     C = triton.cdiv(T, L)
@@ -278,22 +299,23 @@ def rat_scan_fwd(q, k, v, g, L, rope, cos, sin, qo, qo_layout, vs, ks, s_layout,
     so = token_strides(qo, qo_layout, L) if qo is not None else (0,) * 5
     su = chunk_strides(vsum, sum_layout) if vsum is not None else (0,) * 4
     _rat_scan_fwd_kernel[grid](
-        q, k, v, g, cos if rope else v, sin if rope else v,
+        q, k, v, g, gate_bias if gate_bias is not None else v, cos if rope else v, sin if rope else v,
         qo if qo is not None else v, vs, ks, vsum if vsum is not None else v, ksum if ksum is not None else v,
         T, L, M, C, C * L if qo_layout == "bchld" else T,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), g.stride(0), g.stride(1), g.stride(2),
         *so, *token_strides(vs, s_layout, L), *su,
         H=H, NG=G, HALF=d // 2, BT=BT, BD=BD, ROPE=rope, WRITE_Q=qo is not None, WRITE_SUM=vsum is not None,
-        num_warps=4 if BT * BD <= 1024 else 8,
+        LOGITS=gate_bias is not None, num_warps=4 if BT * BD <= 1024 else 8,
     )  # fmt: skip
 
 
 def rat_scan_bwd(
     k, v, g, L, rope, cos, sin, dqa, dqa_layout, dqb, dqb_layout, dvs, dks, s_layout,
-    dvsum, dksum, sum_layout, n_sum, q_dtype,
+    dvsum, dksum, sum_layout, n_sum, q_dtype, gate_bias=None,
 ):  # fmt: skip
-    """Launch the backward scan; returns dq, dk [B, T, G, d] and dv, dg [B, T, H, d] (contiguous)."""
+    """Launch the backward scan; returns dq, dk [B, T, G, d], dv, dg [B, T, H, d] (contiguous) and the gate
+    bias's gradient (None without gate_bias; then g holds gates, with it logits, and dg is the logits')."""
     B, T, H, d = v.shape
     G = k.shape[2]
     C = triton.cdiv(T, L)
@@ -305,16 +327,20 @@ def rat_scan_bwd(
     sb = token_strides(dqb, dqb_layout, L) if dqb is not None else (0,) * 5
     su = chunk_strides(dvsum, sum_layout) if dvsum is not None else (0,) * 4
     grid = (triton.cdiv(C, M), B * G, d // 2 // BD)
+    logits = gate_bias is not None
+    # per (tile of rows, batch row): the bias gradient of those rows, summed afterwards (no atomics)
+    dbias = torch.empty(grid[0] * B, H * d, device=v.device, dtype=torch.float32) if logits else None
     _rat_scan_bwd_kernel[grid](
-        k, v, g, cos if rope else v, sin if rope else v,
+        k, v, g, gate_bias if logits else v, cos if rope else v, sin if rope else v,
         dqa, dqb if dqb is not None else dqa, dvs, dks,
         dvsum if dvsum is not None else dvs, dksum if dksum is not None else dvs,
-        dq, dk, dv, dg,
+        dq, dk, dv, dg, dbias if logits else dg,
         T, L, M, C, n_sum,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         g.stride(0), g.stride(1), g.stride(2),
         *token_strides(dqa, dqa_layout, L), *sb, *token_strides(dvs, s_layout, L), *su,
         H=H, NG=G, HALF=d // 2, BT=BT, BD=BD, ROPE=rope, HAS_DQB=dqb is not None, HAS_SUM=dvsum is not None,
-        num_warps=4 if BT * BD <= 512 else 8,
+        LOGITS=logits, num_warps=4 if BT * BD <= 512 else 8,
     )  # fmt: skip
-    return dq, dk, dv, dg
+    dbias = dbias.sum(0).to(gate_bias.dtype).view(gate_bias.shape) if logits else None
+    return dq, dk, dv, dg, dbias

@@ -1,0 +1,88 @@
+"""Where one layer's time goes: the GPU kernels of a training step and a prefill, from torch.profiler.
+
+For RAT (L=16, default engine) and attention at the benchmark's shape (D 2048, 16 heads of 128, G 2,
+262,144 tokens per call, bf16 autocast over fp32 weights), at T = 4096 and 131072: per kernel the total
+CUDA time and the number of launches, largest first. Writes $OUT/profile_layer.json and a text table to
+stdout. Timings come from the profiler (one profiled call after two warm-up calls), so they carry its
+overhead; `ratlm bench layer` gives the clean numbers.
+
+    PYTHONPATH=src python benchmarks/profile_layer.py [--lengths 4096,131072] [--kinds rat,attention]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from ratlm.bench.layer import LayerBench, _config, _layer
+
+
+def profile_one(kind: str, T: int, mode: str, top: int) -> dict:
+    bench = LayerBench()
+    B = max(1, bench.tokens // T)
+    cfg = _config(bench, 16, T)
+    torch.manual_seed(0)
+    layer = _layer(kind, cfg, "cuda")
+    params = list(layer.parameters())
+    x = torch.randn(B, T, bench.d_model, device="cuda", requires_grad=mode == "train")
+    dy = torch.randn_like(x)
+
+    def step():
+        if mode == "train":
+            for p in params:
+                p.grad = None
+            x.grad = None
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                y = layer(x)
+            y.backward(dy)
+        else:
+            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+                layer(x)
+
+    for _ in range(2):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    kernels: dict[str, dict] = {}
+    for ev in prof.events():
+        if ev.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        k = kernels.setdefault(ev.name, {"name": ev.name, "ms": 0.0, "calls": 0})
+        k["ms"] += ev.device_time / 1e3
+        k["calls"] += 1
+    rows = sorted(kernels.values(), key=lambda r: -r["ms"])
+    total = sum(r["ms"] for r in rows)
+    return {"kind": kind, "T": T, "B": B, "mode": mode, "total_ms": total, "kernels": rows[:top]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--lengths", default="4096,131072")
+    p.add_argument("--kinds", default="rat,attention")
+    p.add_argument("--modes", default="train,prefill")
+    p.add_argument("--top", type=int, default=25)
+    args = p.parse_args()
+    out = Path(os.environ.get("OUT", "bench-out"))
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for T in (int(t) for t in args.lengths.split(",")):
+        for kind in args.kinds.split(","):
+            for mode in args.modes.split(","):
+                r = profile_one(kind, T, mode, args.top)
+                torch.cuda.empty_cache()
+                results.append(r)
+                print(f"\n== {kind} T={T} B={r['B']} {mode}: {r['total_ms']:.1f} ms of kernels")
+                for k in r["kernels"]:
+                    print(f"{k['ms']:9.2f} ms {k['calls']:5d}x  {k['name'][:110]}")
+    (out / "profile_layer.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
