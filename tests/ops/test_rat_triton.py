@@ -41,6 +41,7 @@ def check_outputs_and_grads(out, ref, leaves, rtol=1e-5, atol=1e-5):
 
 
 CASES = [  # B, L, T, G, d, position, rope base, scale
+    (1, 32, 70, 2, 16, "rope", 10000.0, None),  # L > 16: always the prefix-scan kernels
     (2, 4, 14, 2, 16, "rope", 10000.0, None),  # several chunks per tile, partial last chunk
     (1, 1, 7, 1, 16, "nope", 10000.0, None),  # L = 1: attention on the gated states
     (1, 16, 9, 2, 16, "rope", 10000.0, None),  # T < L: no summaries at all
@@ -48,9 +49,18 @@ CASES = [  # B, L, T, G, d, position, rope base, scale
 ]
 
 
+@pytest.fixture(params=["auto", "scan"])
+def scan_variant(request, monkeypatch):
+    """Both scan kernels: the per-chunk loops (L <= 16, "auto") and the prefix scans forced ("scan")."""
+    monkeypatch.setattr(scan_kernels, "VARIANT", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("engine", ["torch", "triton"])
 @pytest.mark.parametrize("B, L, T, G, d, position, base, scale", CASES)
-def test_matches_reference_outputs_and_grads(engine, B, L, T, G, d, position, base, scale, device, poison):
+def test_matches_reference_outputs_and_grads(
+    engine, B, L, T, G, d, position, base, scale, device, poison, scan_variant
+):
     poison(*KERNEL_MODULES)
     leaves = inputs(B, T, G, d, device)
     out = gpu.rat_mix_triton(*leaves, L, position, base, scale, engine=engine)
@@ -99,7 +109,9 @@ def call_gated(fn, leaves, L, *args, **kwargs):
 
 @pytest.mark.parametrize("engine", ["torch", "triton", "flex"])
 @pytest.mark.parametrize("B, L, T, G, d, position, base, scale", CASES)
-def test_fused_gates_match_reference(engine, B, L, T, G, d, position, base, scale, device, poison):
+def test_fused_gates_match_reference(
+    engine, B, L, T, G, d, position, base, scale, device, poison, scan_variant
+):
     """Forget-gate logits + bias in the scan kernels, the output gate in the merge kernel (heads engines)
     or after the attention (the others): outputs and the gradients of all six inputs."""
     if engine == "flex" and device == "cpu":
@@ -126,7 +138,7 @@ def test_fused_gates_reference_twins_agree(device):
 
 
 @pytest.mark.parametrize("engine", ["torch", "triton"])
-def test_fused_gates_bf16_error_within_twice_plain_pytorch(engine, device):
+def test_fused_gates_bf16_error_within_twice_plain_pytorch(engine, device, scan_variant):
     """STYLE's tolerance rule with both gates fused, for the output and all six gradients."""
     L, T, G, d = 4, 30, 2, 16
     leaves = [t.detach().requires_grad_() for t in gated_inputs(1, T, G, d, device, torch.bfloat16)]

@@ -1,0 +1,241 @@
+"""RAT's chunked recurrence for short chunks (L <= 16): a thread per (chunk, channel) loops over the chunk.
+
+The tile of a program is [NC chunks, BD channels] from each half of the head vector (RoPE pairs channel i
+with i + d/2); at L <= 16 a chunk's recurrence is a short loop over its L tokens in registers, with
+no communication between threads, where `scan_kernels.py` runs a parallel prefix scan over a tile of rows
+(which needs a layout change through shared memory per scan and ~150 registers). Row l of every chunk is one
+[NC, BD] load, BD contiguous channels wide.
+
+Forward: per head of the program's key group, the running value and key states over l = 0..L-1; writes the
+states (keys rotated at the chunk index), the chunk summaries and the queries (rotated, tiled to heads) in the
+layouts the attention engines read, the same outputs as `scan_kernels._rat_scan_fwd_kernel`.
+
+Backward: per head, a forward loop recomputes the fp32 states before each token and keeps them in a
+per-program scratch buffer (a few KiB that stay in cache), then a reverse loop runs the adjoint recurrence,
+writes dv and dg (through the sigmoid and the bias partial sums when the gate comes as logits), and adds the
+head's key and query gradients into fp32 [B, T, G, d] buffers (read-modify-write by the program that owns
+those elements; cast afterwards). Each program takes BD channels of one half of the head vector: only the
+incoming key and query gradients mix the halves (the rotation's transpose), and those are loads.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ..scan.kernel import round_to
+from .scan_kernels import _gate
+
+MAX_CHUNK = 16
+
+
+@triton.jit
+def _rot(x1, x2, cos, sin, ROPE: tl.constexpr, SIGN: tl.constexpr):
+    """Rotation of the pair (x1, x2) by the chunk's angle (SIGN = -1: its transpose, for gradients)."""
+    if ROPE:
+        return x1 * cos - SIGN * x2 * sin, x2 * cos + SIGN * x1 * sin
+    else:
+        return x1, x2
+
+
+@triton.jit
+def _rat_seq_fwd_kernel(
+    Q, K, V, G, BIAS, COS, SIN, QO, VS, KS, VSUM, KSUM,
+    T, C, q_rows,
+    sq_b, sq_t, sq_g, sk_b, sk_t, sk_g, sv_b, sv_t, sv_h, sg_b, sg_t, sg_h,
+    so_b, so_c, so_l, so_h, so_off,
+    ss_b, ss_c, ss_l, ss_h, ss_off,
+    su_b, su_c, su_h, su_off,
+    L: tl.constexpr, H: tl.constexpr, NG: tl.constexpr, HALF: tl.constexpr, NC: tl.constexpr,
+    BD: tl.constexpr, ROPE: tl.constexpr, WRITE_Q: tl.constexpr, WRITE_SUM: tl.constexpr,
+    LOGITS: tl.constexpr,
+):  # fmt: skip
+    b = (tl.program_id(1) // NG).to(tl.int64)
+    grp = tl.program_id(1) % NG
+    c = tl.program_id(0).to(tl.int64) * NC + tl.arange(0, NC)
+    i = tl.program_id(2) * BD + tl.arange(0, BD)
+    col = i[None, :]
+    if ROPE:
+        m_c = (c < C)[:, None]
+        cos = tl.load(COS + c[:, None] * HALF + col, mask=m_c, other=1.0)
+        sin = tl.load(SIN + c[:, None] * HALF + col, mask=m_c, other=0.0)
+    else:
+        cos = 0.0
+        sin = 0.0
+    is_sum = ((c < C - 1) & ((c + 1) * L <= T))[:, None]  # summaries a later chunk reads
+    for j in range(H // NG):
+        h = grp + j * NG
+        bias = BIAS + h * 2 * HALF + i
+        hv1 = tl.zeros([NC, BD], dtype=tl.float32)
+        hv2 = tl.zeros([NC, BD], dtype=tl.float32)
+        hk1 = tl.zeros([NC, BD], dtype=tl.float32)
+        hk2 = tl.zeros([NC, BD], dtype=tl.float32)
+        for l in range(L):
+            tok = c * L + l
+            m2 = (tok < T)[:, None]
+            row_k = K + b * sk_b + tok[:, None] * sk_t + grp * sk_g + col
+            k1 = tl.load(row_k, mask=m2, other=0.0).to(tl.float32)
+            k2 = tl.load(row_k + HALF, mask=m2, other=0.0).to(tl.float32)
+            row_g = G + b * sg_b + tok[:, None] * sg_t + h * sg_h + col
+            g1 = _gate(row_g, m2, bias, LOGITS)
+            g2 = _gate(row_g + HALF, m2, bias + HALF, LOGITS)
+            row_v = V + b * sv_b + tok[:, None] * sv_t + h * sv_h + col
+            v1 = tl.load(row_v, mask=m2, other=0.0).to(tl.float32)
+            v2 = tl.load(row_v + HALF, mask=m2, other=0.0).to(tl.float32)
+            hv1 = g1 * hv1 + (1.0 - g1) * v1
+            hv2 = g2 * hv2 + (1.0 - g2) * v2
+            hk1 = g1 * hk1 + (1.0 - g1) * k1
+            hk2 = g2 * hk2 + (1.0 - g2) * k2
+            sk1, sk2 = _rot(hk1, hk2, cos, sin, ROPE, 1.0)
+            sv1 = round_to(hv1, VS.dtype.element_ty)
+            sv2 = round_to(hv2, VS.dtype.element_ty)
+            sk1 = round_to(sk1, KS.dtype.element_ty)
+            sk2 = round_to(sk2, KS.dtype.element_ty)
+            row_s = ss_off + b * ss_b + c[:, None] * ss_c + l * ss_l + h * ss_h + col
+            tl.store(VS + row_s, sv1, mask=m2)
+            tl.store(VS + row_s + HALF, sv2, mask=m2)
+            tl.store(KS + row_s, sk1, mask=m2)
+            tl.store(KS + row_s + HALF, sk2, mask=m2)
+            if WRITE_SUM & (l == L - 1):
+                row_u = su_off + b * su_b + c[:, None] * su_c + h * su_h + col
+                tl.store(VSUM + row_u, sv1, mask=is_sum)
+                tl.store(VSUM + row_u + HALF, sv2, mask=is_sum)
+                tl.store(KSUM + row_u, sk1, mask=is_sum)
+                tl.store(KSUM + row_u + HALF, sk2, mask=is_sum)
+            if WRITE_Q:  # rotated and tiled to heads; padding rows of a partial last chunk get zeros
+                row_q = Q + b * sq_b + tok[:, None] * sq_t + grp * sq_g + col
+                q1 = tl.load(row_q, mask=m2, other=0.0).to(tl.float32)
+                q2 = tl.load(row_q + HALF, mask=m2, other=0.0).to(tl.float32)
+                q1, q2 = _rot(q1, q2, cos, sin, ROPE, 1.0)
+                m_q = ((tok < q_rows) & (c < C))[:, None]
+                row_o = so_off + b * so_b + c[:, None] * so_c + l * so_l + h * so_h + col
+                tl.store(QO + row_o, round_to(q1, QO.dtype.element_ty), mask=m_q)
+                tl.store(QO + row_o + HALF, round_to(q2, QO.dtype.element_ty), mask=m_q)
+
+
+@triton.jit
+def _rat_seq_bwd_kernel(
+    K, V, G, BIAS, COS, SIN, DQA, DQB, DVS, DKS, DVSUM, DKSUM, DQ, DK, DV, DG, DBIAS, HIST,
+    T, C, n_sum,
+    sk_b, sk_t, sk_g, sv_b, sv_t, sv_h, sg_b, sg_t, sg_h,
+    sa_b, sa_c, sa_l, sa_h, sa_off,
+    sb_b, sb_c, sb_l, sb_h, sb_off,
+    ss_b, ss_c, ss_l, ss_h, ss_off,
+    su_b, su_c, su_h, su_off,
+    L: tl.constexpr, H: tl.constexpr, NG: tl.constexpr, HALF: tl.constexpr, NC: tl.constexpr,
+    BD: tl.constexpr, ROPE: tl.constexpr, HAS_DQB: tl.constexpr, HAS_SUM: tl.constexpr,
+    LOGITS: tl.constexpr,
+):  # fmt: skip
+    b = (tl.program_id(1) // NG).to(tl.int64)
+    grp = tl.program_id(1) % NG
+    c = tl.program_id(0).to(tl.int64) * NC + tl.arange(0, NC)
+    start = tl.program_id(2) * BD
+    first = start < HALF
+    i = start + tl.arange(0, BD)
+    col = i[None, :]
+    if first:  # the partner channel of the rotation, and the sign of its term in the transpose
+        pair = HALF
+        sign = 1.0
+    else:
+        pair = -HALF
+        sign = -1.0
+    if ROPE:
+        m_c = (c < C)[:, None]
+        half_col = (i % HALF)[None, :]
+        cos = tl.load(COS + c[:, None] * HALF + half_col, mask=m_c, other=1.0)
+        sin = sign * tl.load(SIN + c[:, None] * HALF + half_col, mask=m_c, other=0.0)
+    m_end = ((c < n_sum) & ((c + 1) * L <= T))[:, None]  # chunk ends whose summary a later chunk read
+    W = H * 2 * HALF  # elements per token of the [B, T, H, d] outputs
+    WG = NG * 2 * HALF  # and of the [B, T, G, d] ones
+    # this program's scratch: the fp32 states before each token of its tile, [L, 2, NC, BD]; written and
+    # read back by the same threads, so it stays in cache and costs no traffic to speak of
+    pid = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)
+    tile = tl.arange(0, NC)[:, None] * BD + tl.arange(0, BD)[None, :]
+    hist = HIST + pid.to(tl.int64) * (L * 2 * NC * BD) + tile
+    for j in range(H // NG):
+        h = grp + j * NG
+        bias = BIAS + h * 2 * HALF + i
+        # forward: the fp32 states before each token, kept for the reverse loop
+        hv = tl.zeros([NC, BD], dtype=tl.float32)
+        hk = tl.zeros([NC, BD], dtype=tl.float32)
+        for l in range(L):
+            tl.store(hist + (2 * l) * NC * BD, hv)
+            tl.store(hist + (2 * l + 1) * NC * BD, hk)
+            tok = c * L + l
+            m2 = (tok < T)[:, None]
+            g = _gate(G + b * sg_b + tok[:, None] * sg_t + h * sg_h + col, m2, bias, LOGITS)
+            v = tl.load(V + b * sv_b + tok[:, None] * sv_t + h * sv_h + col, mask=m2, other=0.0)
+            k = tl.load(K + b * sk_b + tok[:, None] * sk_t + grp * sk_g + col, mask=m2, other=0.0)
+            hv = g * hv + (1.0 - g) * v.to(tl.float32)
+            hk = g * hk + (1.0 - g) * k.to(tl.float32)
+        tl.debug_barrier()
+        # reverse: the adjoint recurrence dh_t = dstate_t + g_{t+1} dh_{t+1}
+        dhv = tl.zeros([NC, BD], dtype=tl.float32)
+        dhk = tl.zeros([NC, BD], dtype=tl.float32)
+        gn = tl.zeros([NC, BD], dtype=tl.float32)
+        db = tl.zeros([BD], dtype=tl.float32)
+        for l in range(L - 1, -1, -1):
+            tok = c * L + l
+            m2 = (tok < T)[:, None]
+            row_s = ss_off + b * ss_b + c[:, None] * ss_c + l * ss_l + h * ss_h + col
+            dv = tl.load(DVS + row_s, mask=m2, other=0.0).to(tl.float32)
+            dr = tl.load(DKS + row_s, mask=m2, other=0.0).to(tl.float32)
+            if ROPE:
+                dr_pair = tl.load(DKS + row_s + pair, mask=m2, other=0.0).to(tl.float32)
+            if HAS_SUM & (l == L - 1):
+                row_u = su_off + b * su_b + c[:, None] * su_c + h * su_h + col
+                dv += tl.load(DVSUM + row_u, mask=m_end, other=0.0).to(tl.float32)
+                dr += tl.load(DKSUM + row_u, mask=m_end, other=0.0).to(tl.float32)
+                if ROPE:
+                    dr_pair += tl.load(DKSUM + row_u + pair, mask=m_end, other=0.0).to(tl.float32)
+            if ROPE:  # the rotation's transpose
+                dr = dr * cos + dr_pair * sin
+            dhv = dv + gn * dhv
+            dhk = dr + gn * dhk
+            g = _gate(G + b * sg_b + tok[:, None] * sg_t + h * sg_h + col, m2, bias, LOGITS)
+            v = tl.load(V + b * sv_b + tok[:, None] * sv_t + h * sv_h + col, mask=m2, other=0.0)
+            k = tl.load(K + b * sk_b + tok[:, None] * sk_t + grp * sk_g + col, mask=m2, other=0.0)
+            row_o = b * T * W + tok[:, None] * W + h * 2 * HALF + col
+            tl.store(DV + row_o, round_to((1.0 - g) * dhv, DV.dtype.element_ty), mask=m2)
+            pv = tl.load(hist + (2 * l) * NC * BD)  # the states before this token
+            pk = tl.load(hist + (2 * l + 1) * NC * BD)
+            dg = dhv * (pv - v.to(tl.float32)) + dhk * (pk - k.to(tl.float32))
+            if LOGITS:  # through the sigmoid; masked rows add nothing to the bias sums
+                dg = tl.where(m2, dg * g * (1.0 - g), 0.0)
+                db += tl.sum(dg, 0)
+            tl.store(DG + row_o, round_to(dg, DG.dtype.element_ty), mask=m2)
+            # this head's key and query gradients, added into the group's fp32 buffers
+            ek = (1.0 - g) * dhk
+            row_a = sa_off + b * sa_b + c[:, None] * sa_c + l * sa_l + h * sa_h + col
+            eq = tl.load(DQA + row_a, mask=m2, other=0.0).to(tl.float32)
+            if ROPE:
+                eq_pair = tl.load(DQA + row_a + pair, mask=m2, other=0.0).to(tl.float32)
+            if HAS_DQB:
+                m_b = (tok < T)[:, None] & (c >= 1)[:, None]
+                row_b = sb_off + b * sb_b + c[:, None] * sb_c + l * sb_l + h * sb_h + col
+                eq += tl.load(DQB + row_b, mask=m_b, other=0.0).to(tl.float32)
+                if ROPE:
+                    eq_pair += tl.load(DQB + row_b + pair, mask=m_b, other=0.0).to(tl.float32)
+            if ROPE:
+                eq = eq * cos + eq_pair * sin
+            row_q = b * T * WG + tok[:, None] * WG + grp * 2 * HALF + col
+            if j > 0:
+                ek += tl.load(DK + row_q, mask=m2, other=0.0)
+                eq += tl.load(DQ + row_q, mask=m2, other=0.0)
+            tl.store(DK + row_q, ek, mask=m2)
+            tl.store(DQ + row_q, eq, mask=m2)
+            gn = g
+        if LOGITS:
+            row_db = DBIAS + (tl.program_id(0) * (tl.num_programs(1) // NG) + b) * W + h * 2 * HALF + i
+            tl.store(row_db, db)
+        tl.debug_barrier()  # the next head reads back what this one stored into DQ, DK and the scratch
+
+
+def seq_tile(C: int, d: int, interpret: bool) -> tuple[int, int, int]:
+    """(chunks per program NC, channels per block BD, warps): one element per thread per tile.
+
+    The forward takes BD channels from each half of the head vector, the backward BD channels of one half.
+    """
+    BD = min(d // 2, 8 if interpret else 32)
+    NC = max(1, min(2 if interpret else 128 // BD, triton.next_power_of_2(C)))
+    return NC, BD, max(1, min(4, NC * BD // 32))
