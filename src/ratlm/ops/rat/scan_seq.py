@@ -155,80 +155,139 @@ def _rat_seq_bwd_kernel(
     for j in range(H // NG):
         h = grp + j * NG
         bias = BIAS + h * 2 * HALF + i
-        # forward: the fp32 states before each token, kept for the reverse loop
+        # forward: the fp32 states before each token, kept for the reverse loop; each row's inputs are
+        # loaded one iteration ahead (the stores to the scratch would otherwise hold the next loads back)
         hv = tl.zeros([NC, BD], dtype=tl.float32)
         hk = tl.zeros([NC, BD], dtype=tl.float32)
+        g_n, v_n, k_n = _state_inputs(0, c, b, h, grp, col, T, L, G, V, K, sg_b, sg_t, sg_h, sv_b, sv_t, sv_h,
+                                      sk_b, sk_t, sk_g)  # fmt: skip
         for l in range(L):
+            g_raw, v, k = g_n, v_n, k_n
+            g_n, v_n, k_n = _state_inputs(l + 1, c, b, h, grp, col, T, L, G, V, K, sg_b, sg_t, sg_h,
+                                          sv_b, sv_t, sv_h, sk_b, sk_t, sk_g)  # fmt: skip
             tl.store(hist + (2 * l) * NC * BD, hv)
             tl.store(hist + (2 * l + 1) * NC * BD, hk)
-            tok = c * L + l
-            m2 = (tok < T)[:, None]
-            g = _gate(G + b * sg_b + tok[:, None] * sg_t + h * sg_h + col, m2, bias, LOGITS)
-            v = tl.load(V + b * sv_b + tok[:, None] * sv_t + h * sv_h + col, mask=m2, other=0.0)
-            k = tl.load(K + b * sk_b + tok[:, None] * sk_t + grp * sk_g + col, mask=m2, other=0.0)
+            g = _gate_of(g_raw, ((c * L + l) < T)[:, None], bias, LOGITS)
             hv = g * hv + (1.0 - g) * v.to(tl.float32)
             hk = g * hk + (1.0 - g) * k.to(tl.float32)
         tl.debug_barrier()
-        # reverse: the adjoint recurrence dh_t = dstate_t + g_{t+1} dh_{t+1}
+        # reverse: the adjoint recurrence dh_t = dstate_t + g_{t+1} dh_{t+1}, inputs again one row ahead
         dhv = tl.zeros([NC, BD], dtype=tl.float32)
         dhk = tl.zeros([NC, BD], dtype=tl.float32)
         gn = tl.zeros([NC, BD], dtype=tl.float32)
         db = tl.zeros([BD], dtype=tl.float32)
+        dv_n, dr_n, drp_n, g_n, v_n, k_n, qa_n, qap_n, qb_n, qbp_n, pv_n, pk_n, dk_n, dq_n = _grad_inputs(
+                L - 1, c, b, h, grp, col, pair, T, L, j, hist, DVS, DKS, G, V, K, DQA, DQB, DQ, DK,
+                ss_off, ss_b, ss_c, ss_l, ss_h, sg_b, sg_t, sg_h, sv_b, sv_t, sv_h, sk_b, sk_t, sk_g,
+                sa_off, sa_b, sa_c, sa_l, sa_h, sb_off, sb_b, sb_c, sb_l, sb_h, WG,
+                NC, BD, HALF, ROPE, HAS_DQB,
+            )  # fmt: skip
+        if HAS_SUM:  # the last row also takes the summary's gradients
+            row_u = su_off + b * su_b + c[:, None] * su_c + h * su_h + col
+            dvsum = tl.load(DVSUM + row_u, mask=m_end, other=0.0).to(tl.float32)
+            dksum = tl.load(DKSUM + row_u, mask=m_end, other=0.0).to(tl.float32)
+            if ROPE:
+                dksum_pair = tl.load(DKSUM + row_u + pair, mask=m_end, other=0.0).to(tl.float32)
         for l in range(L - 1, -1, -1):
+            dv, dr, drp, g_raw, v, k, qa, qap, qb, qbp, pv, pk, dk_acc, dq_acc = (
+                dv_n, dr_n, drp_n, g_n, v_n, k_n, qa_n, qap_n, qb_n, qbp_n, pv_n, pk_n, dk_n, dq_n
+            )  # fmt: skip
+            dv_n, dr_n, drp_n, g_n, v_n, k_n, qa_n, qap_n, qb_n, qbp_n, pv_n, pk_n, dk_n, dq_n = _grad_inputs(
+                l - 1, c, b, h, grp, col, pair, T, L, j, hist, DVS, DKS, G, V, K, DQA, DQB, DQ, DK,
+                ss_off, ss_b, ss_c, ss_l, ss_h, sg_b, sg_t, sg_h, sv_b, sv_t, sv_h, sk_b, sk_t, sk_g,
+                sa_off, sa_b, sa_c, sa_l, sa_h, sb_off, sb_b, sb_c, sb_l, sb_h, WG,
+                NC, BD, HALF, ROPE, HAS_DQB,
+            )  # fmt: skip
             tok = c * L + l
             m2 = (tok < T)[:, None]
-            row_s = ss_off + b * ss_b + c[:, None] * ss_c + l * ss_l + h * ss_h + col
-            dv = tl.load(DVS + row_s, mask=m2, other=0.0).to(tl.float32)
-            dr = tl.load(DKS + row_s, mask=m2, other=0.0).to(tl.float32)
-            if ROPE:
-                dr_pair = tl.load(DKS + row_s + pair, mask=m2, other=0.0).to(tl.float32)
+            dv = dv.to(tl.float32)
+            dr = dr.to(tl.float32)
+            drp = drp.to(tl.float32)
             if HAS_SUM & (l == L - 1):
-                row_u = su_off + b * su_b + c[:, None] * su_c + h * su_h + col
-                dv += tl.load(DVSUM + row_u, mask=m_end, other=0.0).to(tl.float32)
-                dr += tl.load(DKSUM + row_u, mask=m_end, other=0.0).to(tl.float32)
+                dv += dvsum
+                dr += dksum
                 if ROPE:
-                    dr_pair += tl.load(DKSUM + row_u + pair, mask=m_end, other=0.0).to(tl.float32)
+                    drp += dksum_pair
             if ROPE:  # the rotation's transpose
-                dr = dr * cos + dr_pair * sin
+                dr = dr * cos + drp * sin
             dhv = dv + gn * dhv
             dhk = dr + gn * dhk
-            g = _gate(G + b * sg_b + tok[:, None] * sg_t + h * sg_h + col, m2, bias, LOGITS)
-            v = tl.load(V + b * sv_b + tok[:, None] * sv_t + h * sv_h + col, mask=m2, other=0.0)
-            k = tl.load(K + b * sk_b + tok[:, None] * sk_t + grp * sk_g + col, mask=m2, other=0.0)
+            g = _gate_of(g_raw, m2, bias, LOGITS)
             row_o = b * T * W + tok[:, None] * W + h * 2 * HALF + col
             tl.store(DV + row_o, round_to((1.0 - g) * dhv, DV.dtype.element_ty), mask=m2)
-            pv = tl.load(hist + (2 * l) * NC * BD)  # the states before this token
-            pk = tl.load(hist + (2 * l + 1) * NC * BD)
             dg = dhv * (pv - v.to(tl.float32)) + dhk * (pk - k.to(tl.float32))
             if LOGITS:  # through the sigmoid; masked rows add nothing to the bias sums
                 dg = tl.where(m2, dg * g * (1.0 - g), 0.0)
                 db += tl.sum(dg, 0)
             tl.store(DG + row_o, round_to(dg, DG.dtype.element_ty), mask=m2)
             # this head's key and query gradients, added into the group's fp32 buffers
-            ek = (1.0 - g) * dhk
-            row_a = sa_off + b * sa_b + c[:, None] * sa_c + l * sa_l + h * sa_h + col
-            eq = tl.load(DQA + row_a, mask=m2, other=0.0).to(tl.float32)
+            eq = qa.to(tl.float32) + qb.to(tl.float32)
             if ROPE:
-                eq_pair = tl.load(DQA + row_a + pair, mask=m2, other=0.0).to(tl.float32)
-            if HAS_DQB:
-                m_b = (tok < T)[:, None] & (c >= 1)[:, None]
-                row_b = sb_off + b * sb_b + c[:, None] * sb_c + l * sb_l + h * sb_h + col
-                eq += tl.load(DQB + row_b, mask=m_b, other=0.0).to(tl.float32)
-                if ROPE:
-                    eq_pair += tl.load(DQB + row_b + pair, mask=m_b, other=0.0).to(tl.float32)
-            if ROPE:
-                eq = eq * cos + eq_pair * sin
+                eq = eq * cos + (qap.to(tl.float32) + qbp.to(tl.float32)) * sin
             row_q = b * T * WG + tok[:, None] * WG + grp * 2 * HALF + col
-            if j > 0:
-                ek += tl.load(DK + row_q, mask=m2, other=0.0)
-                eq += tl.load(DQ + row_q, mask=m2, other=0.0)
-            tl.store(DK + row_q, ek, mask=m2)
-            tl.store(DQ + row_q, eq, mask=m2)
+            tl.store(DK + row_q, dk_acc + (1.0 - g) * dhk, mask=m2)
+            tl.store(DQ + row_q, dq_acc + eq, mask=m2)
             gn = g
         if LOGITS:
             row_db = DBIAS + (tl.program_id(0) * (tl.num_programs(1) // NG) + b) * W + h * 2 * HALF + i
             tl.store(row_db, db)
         tl.debug_barrier()  # the next head reads back what this one stored into DQ, DK and the scratch
+
+
+@triton.jit
+def _gate_of(x, mask, bias_ptr, LOGITS: tl.constexpr):
+    """`_gate` on loaded values: the gate as fp32, zero where masked."""
+    x = x.to(tl.float32)
+    if LOGITS:
+        x = tl.where(mask, tl.sigmoid(x + tl.load(bias_ptr).to(tl.float32)[None, :]), 0.0)
+    return x
+
+
+@triton.jit
+def _state_inputs(l, c, b, h, grp, col, T, L, G, V, K, sg_b, sg_t, sg_h, sv_b, sv_t, sv_h, sk_b, sk_t, sk_g):
+    """Row l's gate (as stored: gate or logit), value and key, raw; zeros past the chunk or the sequence."""
+    tok = c * L + l
+    m2 = ((tok < T) & (l < L))[:, None]
+    g = tl.load(G + b * sg_b + tok[:, None] * sg_t + h * sg_h + col, mask=m2, other=0.0)
+    v = tl.load(V + b * sv_b + tok[:, None] * sv_t + h * sv_h + col, mask=m2, other=0.0)
+    k = tl.load(K + b * sk_b + tok[:, None] * sk_t + grp * sk_g + col, mask=m2, other=0.0)
+    return g, v, k
+
+
+@triton.jit
+def _grad_inputs(
+    l, c, b, h, grp, col, pair, T, L, j, hist, DVS, DKS, G, V, K, DQA, DQB, DQ, DK,
+    ss_off, ss_b, ss_c, ss_l, ss_h, sg_b, sg_t, sg_h, sv_b, sv_t, sv_h, sk_b, sk_t, sk_g,
+    sa_off, sa_b, sa_c, sa_l, sa_h, sb_off, sb_b, sb_c, sb_l, sb_h, WG,
+    NC: tl.constexpr, BD: tl.constexpr, HALF: tl.constexpr, ROPE: tl.constexpr, HAS_DQB: tl.constexpr,
+):  # fmt: skip
+    """Everything the reverse loop reads at row l, raw (no arithmetic on the loaded values, so nothing waits
+    for them here); zeros for l < 0 and past the sequence. The key and query buffers read back only after
+    the group's first head (j > 0) has written them."""
+    tok = c * L + l
+    live = (tok < T) & (l >= 0)
+    m2 = live[:, None]
+    row_s = ss_off + b * ss_b + c[:, None] * ss_c + l * ss_l + h * ss_h + col
+    dv = tl.load(DVS + row_s, mask=m2, other=0.0)
+    dr = tl.load(DKS + row_s, mask=m2, other=0.0)
+    drp = tl.load(DKS + row_s + pair, mask=m2 & ROPE, other=0.0)
+    g = tl.load(G + b * sg_b + tok[:, None] * sg_t + h * sg_h + col, mask=m2, other=0.0)
+    v = tl.load(V + b * sv_b + tok[:, None] * sv_t + h * sv_h + col, mask=m2, other=0.0)
+    k = tl.load(K + b * sk_b + tok[:, None] * sk_t + grp * sk_g + col, mask=m2, other=0.0)
+    row_a = sa_off + b * sa_b + c[:, None] * sa_c + l * sa_l + h * sa_h + col
+    qa = tl.load(DQA + row_a, mask=m2, other=0.0)
+    qap = tl.load(DQA + row_a + pair, mask=m2 & ROPE, other=0.0)
+    m_b = m2 & (c >= 1)[:, None] & HAS_DQB
+    row_b = sb_off + b * sb_b + c[:, None] * sb_c + l * sb_l + h * sb_h + col
+    qb = tl.load(DQB + row_b, mask=m_b, other=0.0)
+    qbp = tl.load(DQB + row_b + pair, mask=m_b & ROPE, other=0.0)
+    m_h = (l >= 0) & (tl.arange(0, NC) >= 0)[:, None]
+    pv = tl.load(hist + (2 * l) * NC * BD, mask=m_h, other=0.0)
+    pk = tl.load(hist + (2 * l + 1) * NC * BD, mask=m_h, other=0.0)
+    row_q = b * T * WG + tok[:, None] * WG + grp * 2 * HALF + col
+    dk = tl.load(DK + row_q, mask=m2 & (j > 0), other=0.0)
+    dq = tl.load(DQ + row_q, mask=m2 & (j > 0), other=0.0)
+    return dv, dr, drp, g, v, k, qa, qap, qb, qbp, pv, pk, dk, dq
 
 
 def seq_tile(C: int, d: int, interpret: bool) -> tuple[int, int, int]:
