@@ -24,7 +24,6 @@ import triton
 import triton.language as tl
 
 from ..scan.kernel import round_to
-from .scan_kernels import _gate
 
 MAX_CHUNK = 16
 
@@ -70,18 +69,25 @@ def _rat_seq_fwd_kernel(
         hv2 = tl.zeros([NC, BD], dtype=tl.float32)
         hk1 = tl.zeros([NC, BD], dtype=tl.float32)
         hk2 = tl.zeros([NC, BD], dtype=tl.float32)
+        # each row's inputs are loaded one iteration ahead, before this row's stores
+        k1n, k2n, g1n, g2n, v1n, v2n, q1n, q2n = _fwd_inputs(
+            0, c, b, h, grp, col, T, L, Q, K, V, G, sq_b, sq_t, sq_g, sk_b, sk_t, sk_g,
+            sv_b, sv_t, sv_h, sg_b, sg_t, sg_h, HALF, WRITE_Q,
+        )  # fmt: skip
         for l in range(L):
+            k1, k2, g1, g2, v1, v2, q1, q2 = k1n, k2n, g1n, g2n, v1n, v2n, q1n, q2n
+            k1n, k2n, g1n, g2n, v1n, v2n, q1n, q2n = _fwd_inputs(
+                l + 1, c, b, h, grp, col, T, L, Q, K, V, G, sq_b, sq_t, sq_g, sk_b, sk_t, sk_g,
+                sv_b, sv_t, sv_h, sg_b, sg_t, sg_h, HALF, WRITE_Q,
+            )  # fmt: skip
             tok = c * L + l
             m2 = (tok < T)[:, None]
-            row_k = K + b * sk_b + tok[:, None] * sk_t + grp * sk_g + col
-            k1 = tl.load(row_k, mask=m2, other=0.0).to(tl.float32)
-            k2 = tl.load(row_k + HALF, mask=m2, other=0.0).to(tl.float32)
-            row_g = G + b * sg_b + tok[:, None] * sg_t + h * sg_h + col
-            g1 = _gate(row_g, m2, bias, LOGITS)
-            g2 = _gate(row_g + HALF, m2, bias + HALF, LOGITS)
-            row_v = V + b * sv_b + tok[:, None] * sv_t + h * sv_h + col
-            v1 = tl.load(row_v, mask=m2, other=0.0).to(tl.float32)
-            v2 = tl.load(row_v + HALF, mask=m2, other=0.0).to(tl.float32)
+            g1 = _gate_of(g1, m2, bias, LOGITS)
+            g2 = _gate_of(g2, m2, bias + HALF, LOGITS)
+            k1 = k1.to(tl.float32)
+            k2 = k2.to(tl.float32)
+            v1 = v1.to(tl.float32)
+            v2 = v2.to(tl.float32)
             hv1 = g1 * hv1 + (1.0 - g1) * v1
             hv2 = g2 * hv2 + (1.0 - g2) * v2
             hk1 = g1 * hk1 + (1.0 - g1) * k1
@@ -103,10 +109,7 @@ def _rat_seq_fwd_kernel(
                 tl.store(KSUM + row_u, sk1, mask=is_sum)
                 tl.store(KSUM + row_u + HALF, sk2, mask=is_sum)
             if WRITE_Q:  # rotated and tiled to heads; padding rows of a partial last chunk get zeros
-                row_q = Q + b * sq_b + tok[:, None] * sq_t + grp * sq_g + col
-                q1 = tl.load(row_q, mask=m2, other=0.0).to(tl.float32)
-                q2 = tl.load(row_q + HALF, mask=m2, other=0.0).to(tl.float32)
-                q1, q2 = _rot(q1, q2, cos, sin, ROPE, 1.0)
+                q1, q2 = _rot(q1.to(tl.float32), q2.to(tl.float32), cos, sin, ROPE, 1.0)
                 m_q = ((tok < q_rows) & (c < C))[:, None]
                 row_o = so_off + b * so_b + c[:, None] * so_c + l * so_l + h * so_h + col
                 tl.store(QO + row_o, round_to(q1, QO.dtype.element_ty), mask=m_q)
@@ -236,11 +239,34 @@ def _rat_seq_bwd_kernel(
 
 @triton.jit
 def _gate_of(x, mask, bias_ptr, LOGITS: tl.constexpr):
-    """`_gate` on loaded values: the gate as fp32, zero where masked."""
+    """The forget gate from loaded values, fp32, zero where masked: the gate, or sigmoid(logit + bias)."""
     x = x.to(tl.float32)
     if LOGITS:
         x = tl.where(mask, tl.sigmoid(x + tl.load(bias_ptr).to(tl.float32)[None, :]), 0.0)
     return x
+
+
+@triton.jit
+def _fwd_inputs(
+    l, c, b, h, grp, col, T, L, Q, K, V, G, sq_b, sq_t, sq_g, sk_b, sk_t, sk_g, sv_b, sv_t, sv_h,
+    sg_b, sg_t, sg_h, HALF: tl.constexpr, WRITE_Q: tl.constexpr,
+):  # fmt: skip
+    """Row l's key, gate (or logit), value and query halves, raw; zeros past the chunk or the sequence."""
+    tok = c * L + l
+    m2 = ((tok < T) & (l < L))[:, None]
+    row_k = K + b * sk_b + tok[:, None] * sk_t + grp * sk_g + col
+    row_g = G + b * sg_b + tok[:, None] * sg_t + h * sg_h + col
+    row_v = V + b * sv_b + tok[:, None] * sv_t + h * sv_h + col
+    row_q = Q + b * sq_b + tok[:, None] * sq_t + grp * sq_g + col
+    k1 = tl.load(row_k, mask=m2, other=0.0)
+    k2 = tl.load(row_k + HALF, mask=m2, other=0.0)
+    g1 = tl.load(row_g, mask=m2, other=0.0)
+    g2 = tl.load(row_g + HALF, mask=m2, other=0.0)
+    v1 = tl.load(row_v, mask=m2, other=0.0)
+    v2 = tl.load(row_v + HALF, mask=m2, other=0.0)
+    q1 = tl.load(row_q, mask=m2 & WRITE_Q, other=0.0)
+    q2 = tl.load(row_q + HALF, mask=m2 & WRITE_Q, other=0.0)
+    return k1, k2, g1, g2, v1, v2, q1, q2
 
 
 @triton.jit
