@@ -33,13 +33,20 @@ if importlib.util.find_spec("ratlm") is None:  # a checkout without `pip install
 
 from ratlm import LanguageModel, ModelConfig
 
+__all__ = ["LanguageModel", "ModelConfig"]  # re-exported: the scripts import ratlm through this module
+
 IGNORE_INDEX = -100
 
-# Assumed sustained bf16 throughput on one H200 for planning, before any run has been measured. Small models
-# are far from the ~990 TFLOP/s dense peak: these are deliberately pessimistic round numbers. The plain
-# PyTorch scan of RAT and the RNN is a Python loop of small memory-bound kernels, hence its own discount.
-ASSUMED_TFLOPS = {"small": 25.0, "medium": 100.0}  # d_model < 384, d_model >= 384
-SCAN_SLOWDOWN = 2.0  # per layer with a recurrence ("rat", "rnn"), until the fast kernels land
+# Planning model of one H200 (`estimate_seconds`): a fixed cost per optimizer step (kernel launches and Python
+# work, which dominate models this small), the FLOPs at an assumed sustained bf16 rate, and a fixed cost per
+# run. Calibrated on the H200 MQAR check (experiments/results/mqar-check: width 128, 4 layers, 128 x 256
+# tokens per step, 8192-way logits at every position, 0.39 TFLOP per step): attention and RAT L=16 both took
+# 16.3 ms per step, against 10 ms + 0.39 / 50 s = 17.8 ms planned. The split between the two terms is not
+# measured: the rate is kept low (far below the ~990 TFLOP/s dense peak) so that long sequences, where the
+# FLOPs dominate, are not underestimated. RAT and the RNN are charged their FLOPs only: on CUDA their scans
+# are Triton kernels, and the check measured RAT L=16 exactly as fast as attention.
+ASSUMED_TFLOPS = {"small": 50.0, "medium": 100.0}  # d_model < 384, d_model >= 384
+STEP_OVERHEAD_S = 0.010  # per optimizer step or evaluation batch
 
 
 class Deadline(Exception):
@@ -80,11 +87,13 @@ def autocast(device: torch.device):
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW; matrices (projections, the tied embedding) are decayed, vectors (norms, gate biases) are not."""
+    """AdamW (fused on CUDA); matrices (projections, the embedding) are decayed, vectors (norms, gate biases)
+    are not."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    fused = all(p.is_cuda for p in model.parameters())  # one kernel per step instead of one per tensor group
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
 def masked_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -94,7 +103,7 @@ def masked_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "m
 
 
 def train(
-    model: LanguageModel,
+    model: torch.nn.Module,
     batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
     cfg: OptimConfig,
     device: torch.device,
@@ -102,8 +111,11 @@ def train(
     log_every: int = 50,
     on_log: Callable[[int], dict] | None = None,
     stop: Callable[[dict], bool] | None = None,
+    loss_fn: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> dict:
     """Train for cfg.steps steps on (input_ids, targets) batches; targets use IGNORE_INDEX for "no loss".
+
+    loss_fn(model, input_ids, targets) gives the loss (default: masked_loss of the full logits).
 
     on_log(step) may return extra numbers (e.g. a validation estimate) that go into that step's log record;
     stop(record) may end training early at a log step (the schedule is not stretched: it is cut).
@@ -119,7 +131,7 @@ def train(
             group["lr"] = lr_at(step, cfg)
         x, y = next(batches)
         with autocast(device):
-            loss = masked_loss(model(x), y)
+            loss = masked_loss(model(x), y) if loss_fn is None else loss_fn(model, x, y)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
@@ -175,31 +187,43 @@ def match_ffn(cfg: ModelConfig, target_params: int, multiple: int = 32) -> Model
     return cfg.replace(d_ffn=d_ffn)
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int, train: bool = True) -> float:
+def flops_per_token(cfg: ModelConfig, seq_len: int, train: bool = True, logit_fraction: float = 1.0) -> float:
     """Approximate FLOPs per token of a training step (forward + backward), or of a forward pass.
 
-    Matmul parameters cost 6 FLOPs per token (2 forward, 4 backward), logits included. Token mixing is counted
-    as this implementation does it: causal attention through a fused kernel that skips masked blocks (T/2 keys
-    per query on average), sliding-window attention through a dense boolean mask (all T keys), RAT as a dense
-    masked product against all T/L chunk summaries; the recurrences are elementwise and not counted (their
-    cost shows up in SCAN_SLOWDOWN instead).
+    Matmul parameters cost 6 FLOPs per token (2 forward, 4 backward); the logits only at the share
+    logit_fraction of the positions that are scored (MQAR scores its K queries only). Token mixing is counted
+    as this implementation does it on CUDA: causal attention through a fused kernel that skips masked blocks
+    (T/2 keys per query on average), sliding-window attention through FlexAttention's block mask (the
+    128-key blocks that hold any of the W + 1 keys: W rounded up to 128, plus one), RAT as a dense product
+    against all T/L chunk summaries; the recurrences are elementwise and not counted.
     """
     D, T = cfg.d_model, seq_len
     matmul = count_params(cfg) - cfg.d_model * (2 * cfg.n_layers + 1)  # all but norm weights ...
     matmul -= sum(cfg.d_model for m in cfg.pattern if m in ("rat", "rnn"))  # ... and gate biases
-    total = 2.0 * matmul  # the tied embedding counts once: as the logit matmul (the lookup is free)
-    keys = {"attn": T / 2, "swa": T, "rat": T / cfg.chunk_size + 1, "rnn": 0.0}
+    logits = cfg.vocab_size * D  # the tied embedding counts once: as the logit matmul (the lookup is free)
+    total = 2.0 * (matmul - logits + logits * logit_fraction)
+    swa_keys = min(T, 128 * math.ceil(cfg.window / 128) + 128)
+    keys = {"attn": T / 2, "swa": swa_keys, "rat": T / cfg.chunk_size + 1, "rnn": 0.0}
     total += sum(4.0 * keys[m] * D for m in cfg.pattern)  # scores and weighted sum, 2 FLOPs per MAC
     return total * (3.0 if train else 1.0)
 
 
-def estimate_seconds(cfg: ModelConfig, seq_len: int, train_tokens: float, eval_tokens: float = 0.0) -> float:
-    """Planning estimate of GPU seconds on one H200 under ASSUMED_TFLOPS and SCAN_SLOWDOWN."""
+def estimate_seconds(
+    cfg: ModelConfig,
+    seq_len: int,
+    train_tokens: float,
+    eval_tokens: float = 0.0,
+    *,
+    steps: int = 0,
+    logit_fraction: float = 1.0,
+    fixed_s: float = 20.0,
+) -> float:
+    """Planning estimate of seconds on one H200: ASSUMED_TFLOPS, STEP_OVERHEAD_S per step (and evaluation
+    batch) counted in `steps`, and fixed_s for model build, first-call compilation and evaluation set-up."""
     rate = ASSUMED_TFLOPS["small" if cfg.d_model < 384 else "medium"] * 1e12
-    scan_share = sum(m in ("rat", "rnn") for m in cfg.pattern) / cfg.n_layers
-    slowdown = 1.0 + (SCAN_SLOWDOWN - 1.0) * scan_share
-    flops = flops_per_token(cfg, seq_len) * train_tokens + flops_per_token(cfg, seq_len, False) * eval_tokens
-    return flops / rate * slowdown + 20.0  # plus model build, first-call warm-up, evaluation set-up
+    flops = flops_per_token(cfg, seq_len, True, logit_fraction) * train_tokens
+    flops += flops_per_token(cfg, seq_len, False, logit_fraction) * eval_tokens
+    return flops / rate + steps * STEP_OVERHEAD_S + fixed_s
 
 
 def environment(device: torch.device) -> dict:
@@ -220,7 +244,26 @@ def write_json(path: Path, data: dict) -> None:
 class Job:
     name: str  # file stem of the result: OUT/<name>.json
     params: dict  # everything that defines the run (stored in the result)
-    estimate_s: float  # planning estimate of its GPU time
+    estimate_s: float  # planning estimate of its GPU time, every one of params["steps"] steps run
+    step_s: float = 0.0  # the part of the estimate per training step, for runs that stop early (0: unknown)
+
+
+def measured_ratio(job: Job, result: dict) -> float:
+    """Measured / planned time of a finished job. For jobs with a per-step estimate, from its steady-state
+    steps (between its first and last log records), so that one-off compilation and warm-up, which later jobs
+    of the same shapes do not pay again, do not inflate every later estimate."""
+    log = result.get("log") or []
+    if job.step_s and len(log) >= 2 and log[-1]["step"] > log[0]["step"]:
+        per_step = (log[-1]["seconds"] - log[0]["seconds"]) / (log[-1]["step"] - log[0]["step"])
+        return per_step / job.step_s
+    return result["wall_seconds"] / planned_seconds(job, result)
+
+
+def planned_seconds(job: Job, result: dict) -> float:
+    """The job's estimate for the steps it ran (result["steps_run"]), to compare with its measured time."""
+    if job.step_s and "steps_run" in result and "steps" in job.params:
+        return job.estimate_s - (job.params["steps"] - result["steps_run"]) * job.step_s
+    return job.estimate_s
 
 
 def int_list(text: str) -> list[int]:
@@ -294,7 +337,7 @@ def run_sweep(jobs: list[Job], run_one: Callable[[Job, float], dict], args: argp
         return len(todo)
     budget_s = args.max_minutes * 60
     start = time.perf_counter()
-    scale = 1.0  # measured / estimated time of the slowest job so far: later estimates are scaled by it
+    scale = 1.0  # worst measured / planned time (for the steps run) so far: later estimates are scaled by it
     for i, job in enumerate(todo):
         elapsed = time.perf_counter() - start
         if elapsed + job.estimate_s * scale > budget_s:
@@ -319,8 +362,10 @@ def run_sweep(jobs: list[Job], run_one: Callable[[Job, float], dict], args: argp
         result = {"name": job.name, "params": job.params, **result}
         result["wall_seconds"] = time.perf_counter() - began
         result["estimate_seconds"] = job.estimate_s
+        result["estimate_seconds_for_steps_run"] = planned_seconds(job, result)
         write_json(out / f"{job.name}.json", result)
-        scale = max(scale, result["wall_seconds"] / job.estimate_s)
+        if result["status"] == "ok":
+            scale = max(scale, measured_ratio(job, result))
     print("DONE: every configuration has a result")
     return 0
 

@@ -6,12 +6,17 @@ vocabulary, values from the upper half); in the rest of the sequence each key ap
 offset whose distance from the pairs follows Zoology's power law p(gap) ~ gap^(a - 1), a = 0.01 (short gaps
 are most likely), and every other position holds token 0 (the setting of Zoology's Figure 2; --random-fill
 puts random tokens there instead). The model must predict, at each repeated key, the value it was paired
-with. Loss and accuracy count those positions only; accuracy is the fraction of queries whose argmax
-prediction is the right value, on a test set that is the same for every model.
+with. Loss and accuracy count those positions only (the logits are computed there only); accuracy is the
+fraction of queries whose argmax prediction is the right value, on a test set that is the same for every
+model.
 
 Every model has the same width and depth (default 4 layers of width 128, 2 heads); only the token mixer
-differs. Examples are generated on the fly from a seeded generator, so a run is reproducible on the same
-hardware and every step sees fresh data.
+differs. The output projection is ratlm's tied embedding with its logits scaled to start at unit size
+(--head scaled; see MQARModel and experiments/README.md for why). Examples are generated on the fly from a
+seeded generator, so a run is reproducible on the same hardware and every step sees fresh data. Each model
+is trained at every --lrs in one cell of the grid (--lr-sweep-at, default the first) and at its best rate
+there in every other cell. The default vocabulary is 256 rather than Zoology's 8192, so that the whole grid
+fits one GPU call (README).
 
     python experiments/mqar.py --out results/mqar                 # the default grid, resumable
     python experiments/mqar.py --out results/mqar --plan          # list configurations and time estimates
@@ -20,12 +25,15 @@ hardware and every step sees fresh data.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import re
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from harness import (
     IGNORE_INDEX,
     Job,
@@ -34,7 +42,6 @@ from harness import (
     OptimConfig,
     autocast,
     config_dict,
-    count_params,
     environment,
     estimate_seconds,
     float_list,
@@ -67,6 +74,64 @@ def arch_layers(arch: str) -> dict:
     return dict(layers="rat", chunk_size=int(match.group(1)))
 
 
+HEADS = ("tied", "scaled", "untied")  # MQARModel's output projections
+
+
+class MQARModel(torch.nn.Module):
+    """ratlm's LanguageModel, scored only where MQAR has a target.
+
+    The logits are computed at the query positions only (at vocabulary 8192 and width 128 the output
+    projection at every position would be most of the FLOPs). The output projection is the tied embedding, as
+    in ratlm and Zoology: as is (head="tied"), or with its logits multiplied by 1 / (init_std sqrt(D))
+    (head="scaled"), so that they start with unit standard deviation instead of init_std sqrt(D) (0.23 at
+    D = 128), too small to learn from quickly; or (head="untied") a separate matrix initialised like every
+    other (N(0, init_std)).
+    """
+
+    def __init__(self, cfg: ModelConfig, head: str = "tied"):
+        super().__init__()
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+        self.lm = LanguageModel(cfg)
+        self.head = None
+        self.logit_scale = 1.0 / (cfg.init_std * math.sqrt(cfg.d_model)) if head == "scaled" else 1.0
+        if head == "untied":
+            self.head = torch.nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+            torch.nn.init.normal_(self.head.weight, std=cfg.init_std)
+
+    def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The final-norm output [B, T, D]: LanguageModel.forward up to its logits (a test checks this)."""
+        lm = self.lm
+        h = lm.embed(input_ids)
+        for block in lm.blocks:
+            h = block(h)
+        return lm.norm(h)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(h, self.lm.embed.weight if self.head is None else self.head.weight)
+        return logits * self.logit_scale if self.logit_scale != 1.0 else logits
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits [B, T, V] at every position."""
+        return self.logits(self.hidden(input_ids))
+
+    def query_logits(self, input_ids: torch.Tensor, query_pos: torch.Tensor) -> torch.Tensor:
+        """Logits [B, K, V] at the positions query_pos [B, K] only."""
+        h = self.hidden(input_ids)
+        return self.logits(h.gather(1, query_pos[..., None].expand(-1, -1, h.shape[-1])))
+
+
+def query_loss(model: MQARModel, input_ids: torch.Tensor, target: tuple[torch.Tensor, torch.Tensor]):
+    """Cross-entropy of the value at each query; target = (query_pos [B, K], values [B, K]).
+
+    Equal to harness.masked_loss over the full logits and the [B, T] targets (a test checks it), without
+    computing the other T - K logits per sequence or a boolean index (a device sync).
+    """
+    query_pos, values = target
+    logits = model.query_logits(input_ids, query_pos)
+    return F.cross_entropy(logits.flatten(0, 1).float(), values.flatten())
+
+
 # Query-to-key distance buckets for the accuracy breakdown (upper edges; the last is open).
 DISTANCE_EDGES = (64, 256, 1024)
 
@@ -94,6 +159,7 @@ class Batch:
     inputs: torch.Tensor  # [B, T] token ids
     targets: torch.Tensor  # [B, T] the value at each query position, IGNORE_INDEX elsewhere
     query_pos: torch.Tensor  # [B, K] position of the query of pair i
+    values: torch.Tensor  # [B, K] the value of pair i (the target at query_pos[:, i])
     distance: torch.Tensor  # [B, K] query position minus the position of its key
 
 
@@ -121,19 +187,20 @@ def sample_batch(task: MQARTask, batch_size: int, gen: torch.Generator, device: 
     targets = torch.full_like(inputs, IGNORE_INDEX)
     targets.scatter_(1, query_pos, values)
     key_pos = 2 * torch.arange(K, device=device)
-    return Batch(inputs, targets, query_pos, query_pos - key_pos)
+    return Batch(inputs, targets, query_pos, values, query_pos - key_pos)
 
 
 def batches(task: MQARTask, batch_size: int, seed: int, device: torch.device):
+    """Fresh examples forever, as (inputs, (query_pos, values)): what query_loss takes."""
     gen = torch.Generator(device=device).manual_seed(seed)
     while True:
         batch = sample_batch(task, batch_size, gen, device)
-        yield batch.inputs, batch.targets
+        yield batch.inputs, (batch.query_pos, batch.values)
 
 
 @torch.no_grad()
 def evaluate(
-    model: LanguageModel, task: MQARTask, n_examples: int, batch_size: int, seed: int, device: torch.device
+    model: torch.nn.Module, task: MQARTask, n_examples: int, batch_size: int, seed: int, device: torch.device
 ) -> dict:
     """Query accuracy on n_examples test examples drawn from `seed`, overall and by query-to-key distance.
 
@@ -144,10 +211,13 @@ def evaluate(
     correct = []
     for start in range(0, n_examples, batch_size):
         rows = slice(start, start + batch_size)
-        with autocast(device):
-            predicted = model(test.inputs[rows]).argmax(dim=-1)
         pos = test.query_pos[rows]
-        correct.append((predicted.gather(1, pos) == test.targets[rows].gather(1, pos)).flatten())
+        with autocast(device):
+            if isinstance(model, MQARModel):
+                predicted = model.query_logits(test.inputs[rows], pos).argmax(dim=-1)
+            else:  # any model that maps [B, T] ids to [B, T, V] logits (the tests' oracle)
+                predicted = model(test.inputs[rows]).argmax(dim=-1).gather(1, pos)
+        correct.append((predicted == test.values[rows]).flatten())
     correct, distance = torch.cat(correct).float(), test.distance.flatten()
     by_distance = {}
     lower = 0
@@ -180,31 +250,95 @@ def batch_size_for(seq_len: int, args: argparse.Namespace) -> int:
     return max(args.min_batch, args.tokens_per_step // seq_len)
 
 
+# Seconds per run besides its steps: model build, evaluation set-up and first-call compilation (the H200 check
+# measured 5.1 s for attention and 0.1 s for RAT between the end of training and the result; the layer
+# benchmark measured 4-6 s of warm-up, FlexAttention's compilation included, per new shape of a window layer).
+RUN_OVERHEAD_S = 5.0
+
+
+BEST_LR = "best"  # the lr of a configuration outside the sweep cell: the sweep's best for the same arch
+
+
+def job_name(arch: str, seq_len: int, pairs: int, lr: float | str, seed: int) -> str:
+    return f"{arch}_T{seq_len}_K{pairs}_lr{lr if isinstance(lr, str) else format(lr, 'g')}_s{seed}"
+
+
+def grid_cells(args: argparse.Namespace) -> list[tuple[int, int]]:
+    """The (T, K) cells of --seq-lens x --kv-pairs with T >= 8 x K, as in every Zoology grid: the K queries
+    then take at most a third of the even positions after the pairs, and their gaps follow the power law (at
+    T = 4 x K every position is taken and the gaps are a mere permutation)."""
+    return [(T, K) for T in args.seq_lens for K in args.kv_pairs if 8 * K <= T]
+
+
 def make_jobs(args: argparse.Namespace) -> list[Job]:
+    """Every (T, K, arch, seed); all of --lrs in the sweep cell (or everywhere), else the sweep's best lr.
+
+    The sweep cell's jobs come first, so that the best learning rate is known when the others start.
+    """
+    cells = grid_cells(args)
+    sweep_cell = args.lr_sweep_at if len(args.lrs) > 1 else None
+    if sweep_cell is not None:
+        cells.sort(key=lambda cell: cell != sweep_cell)  # stable: the sweep cell first, the rest in order
     jobs = []
-    for seq_len in args.seq_lens:
-        for pairs in args.kv_pairs:
-            if 4 * pairs > seq_len:
-                continue
-            task = MQARTask(args.vocab, seq_len, pairs, args.power_a, args.random_fill)
-            batch_size = batch_size_for(seq_len, args)
-            for arch in args.archs:
-                cfg = model_config(arch, task, args)
-                train_tokens = args.steps * batch_size * seq_len
-                eval_examples = args.test_examples + args.steps // args.log_every * args.probe_examples
-                estimate = estimate_seconds(cfg, seq_len, train_tokens, eval_examples * seq_len)
-                for lr in args.lrs:
-                    for seed in args.seeds:
-                        params = {
-                            "arch": arch, "seq_len": seq_len, "num_pairs": pairs, "vocab": args.vocab,
-                            "power_a": args.power_a, "random_fill": args.random_fill, "lr": lr, "seed": seed,
-                            "steps": args.steps, "stop_at": args.stop_at, "batch_size": batch_size,
-                            "test_examples": args.test_examples, "test_seed": args.test_seed,
-                            **model_size(args),
-                        }  # fmt: skip
-                        name = f"{arch}_T{seq_len}_K{pairs}_lr{lr:g}_s{seed}"
-                        jobs.append(Job(name, params, estimate))
+    for seq_len, pairs in cells:
+        task = MQARTask(args.vocab, seq_len, pairs, args.power_a, args.random_fill)
+        batch_size = batch_size_for(seq_len, args)
+        lrs = args.lrs if sweep_cell in (None, (seq_len, pairs)) else [BEST_LR]
+        for arch in args.archs:
+            cfg = model_config(arch, task, args)
+            probes = args.steps // args.log_every
+            eval_batches = math.ceil(args.test_examples / batch_size)  # evaluated in training-size batches
+            eval_batches += probes * math.ceil(args.probe_examples / batch_size)
+            estimate = estimate_seconds(
+                cfg,
+                seq_len,
+                train_tokens=args.steps * batch_size * seq_len,
+                eval_tokens=(args.test_examples + probes * args.probe_examples) * seq_len,
+                steps=args.steps + eval_batches,
+                logit_fraction=pairs / seq_len,
+                fixed_s=RUN_OVERHEAD_S,
+            )
+            step_s = estimate_seconds(  # one training step, for runs that stop early
+                cfg, seq_len, batch_size * seq_len, steps=1, logit_fraction=pairs / seq_len, fixed_s=0.0
+            )
+            for lr in lrs:
+                for seed in args.seeds:
+                    params = {
+                        "arch": arch, "seq_len": seq_len, "num_pairs": pairs, "vocab": args.vocab,
+                        "power_a": args.power_a, "random_fill": args.random_fill, "head": args.head,
+                        "lr": lr, "seed": seed, "steps": args.steps, "stop_at": args.stop_at,
+                        "batch_size": batch_size, "test_examples": args.test_examples,
+                        "test_seed": args.test_seed, **model_size(args),
+                    }  # fmt: skip
+                    if lr == BEST_LR:
+                        params["lr_sweep"] = {"seq_len": sweep_cell[0], "num_pairs": sweep_cell[1],
+                                              "lrs": args.lrs}  # fmt: skip
+                    jobs.append(Job(job_name(arch, seq_len, pairs, lr, seed), params, estimate, step_s))
     return jobs
+
+
+def best_lr(p: dict, out: Path) -> tuple[float, dict]:
+    """The learning rate of the sweep cell's best run of p's arch and seed, and every sweep result by lr.
+
+    Best: solved (test accuracy >= stop_at) in the fewest steps, else the highest test accuracy. Runs that
+    did not finish (timeout, error) do not count; with none finished, the middle learning rate is used.
+    """
+    sweep = p["lr_sweep"]
+    scores = {}
+    for lr in sweep["lrs"]:
+        path = out / f"{job_name(p['arch'], sweep['seq_len'], sweep['num_pairs'], lr, p['seed'])}.json"
+        if path.exists():
+            result = json.loads(path.read_text())
+            if result["status"] == "ok":
+                scores[lr] = {"accuracy": result["accuracy"], "steps_run": result["steps_run"]}
+    if not scores:
+        return sorted(sweep["lrs"])[len(sweep["lrs"]) // 2], scores
+
+    def rank(lr: float) -> tuple:
+        solved = scores[lr]["accuracy"] >= p["stop_at"]
+        return (solved, -scores[lr]["steps_run"] if solved else scores[lr]["accuracy"])
+
+    return max(scores, key=rank), scores
 
 
 def run_job(job: Job, time_limit_s: float, args: argparse.Namespace) -> dict:
@@ -213,10 +347,14 @@ def run_job(job: Job, time_limit_s: float, args: argparse.Namespace) -> dict:
     task = MQARTask(p["vocab"], p["seq_len"], p["num_pairs"], p["power_a"], p["random_fill"])
     cfg = model_config(p["arch"], task, args)
     torch.manual_seed(p["seed"])
-    model = LanguageModel(cfg).to(device)
-    optim = OptimConfig(steps=p["steps"], lr=p["lr"], warmup=0.1, weight_decay=0.1)
+    model = MQARModel(cfg, p["head"]).to(device)
+    lr, sweep_scores = (p["lr"], None) if p["lr"] != BEST_LR else best_lr(p, Path(args.out))
+    if sweep_scores is not None:
+        print(f"  learning rate {lr:g}, the sweep's best (test accuracy by lr: {sweep_scores})")
+    optim = OptimConfig(steps=p["steps"], lr=lr, warmup=0.1, weight_decay=0.1)
     data = batches(task, p["batch_size"], p["seed"], device)
-    eval_batch = max(1, min(256, 2**16 // p["seq_len"]))  # logits of at most 2^16 tokens at once
+    # evaluation in batches of the training shape: FlexAttention (RAT-SWA's window) is compiled per shape
+    eval_batch = p["batch_size"]
     begin = time.perf_counter()
 
     def probe(step: int) -> dict:  # accuracy on a small held-out set, for learning curves
@@ -226,7 +364,8 @@ def run_job(job: Job, time_limit_s: float, args: argparse.Namespace) -> dict:
     def solved(record: dict) -> bool:
         return record["probe_accuracy"] >= args.stop_at
 
-    trained = train(model, data, optim, device, time_limit_s, args.log_every, on_log=probe, stop=solved)
+    logged = dict(on_log=probe, stop=solved, loss_fn=query_loss)
+    trained = train(model, data, optim, device, time_limit_s, args.log_every, **logged)
     result = evaluate(model, task, p["test_examples"], eval_batch, p["test_seed"], device)
     print(f"  accuracy {result['accuracy']:.4f} on {result['queries']} queries")
     return {
@@ -236,7 +375,9 @@ def run_job(job: Job, time_limit_s: float, args: argparse.Namespace) -> dict:
         "eval_seconds": time.perf_counter() - begin - trained["train_seconds"],
         "steps_run": trained["steps"],
         "tokens_per_second": trained["steps"] * p["batch_size"] * p["seq_len"] / trained["train_seconds"],
-        "model_params": count_params(cfg),
+        "lr_used": lr,
+        "lr_sweep_scores": sweep_scores,
+        "model_params": sum(param.numel() for param in model.parameters()),
         "model_config": config_dict(cfg),
         "optim": vars(optim),
         "log": trained["log"],
@@ -244,29 +385,46 @@ def run_job(job: Job, time_limit_s: float, args: argparse.Namespace) -> dict:
     }
 
 
+def cell(text: str) -> tuple[int, int] | str | None:
+    """An argparse type: "T:K" (sequence length, pairs), "first" (the grid's first cell), or "all"."""
+    if text in ("all", "first"):
+        return None if text == "all" else text
+    seq_len, pairs = text.split(":")
+    return int(seq_len), int(pairs)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = sweep_parser(__doc__)
     parser.add_argument("--archs", type=str_list, default=list(ARCHS), help="comma list")
     parser.add_argument("--seq-lens", type=int_list, default=[256, 1024, 4096])
     parser.add_argument("--kv-pairs", type=int_list, default=[16, 64])
-    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--vocab", type=int, default=256, help="Zoology's figures: 8192 (see the README)")
     parser.add_argument("--power-a", type=float, default=0.01)
     parser.add_argument("--random-fill", action="store_true", help="random tokens between the queries")
+    parser.add_argument("--head", choices=HEADS, default="scaled", help="output projection (MQARModel)")
     parser.add_argument("--d-model", type=int, default=128)
     parser.add_argument("--n-layers", type=int, default=4)
     parser.add_argument("--n-heads", type=int, default=2)
     parser.add_argument("--n-groups", type=int, default=2, help="RAT query/key groups (divides n-heads)")
     parser.add_argument("--window", type=int, default=64, help="sliding window of RAT-SWA's attention layers")
-    parser.add_argument("--steps", type=int, default=2000, help="at most this many steps ...")
+    parser.add_argument("--steps", type=int, default=450, help="at most this many steps ...")
     parser.add_argument("--stop-at", type=float, default=0.99, help="... stopping when the probe reaches it")
-    parser.add_argument("--tokens-per-step", type=int, default=32768, help="batch = this / seq_len ...")
+    parser.add_argument("--tokens-per-step", type=int, default=65536, help="batch = this / seq_len ...")
     parser.add_argument("--min-batch", type=int, default=16, help="... but at least this many sequences")
-    parser.add_argument("--lrs", type=float_list, default=[1e-3])
+    parser.add_argument("--lrs", type=float_list, default=[3e-4, 1e-3, 3e-3], help="swept ...")
+    parser.add_argument("--lr-sweep-at", type=cell, default="first", help="... in the cell T:K, or 'all'")
     parser.add_argument("--seeds", type=int_list, default=[0])
-    parser.add_argument("--test-examples", type=int, default=1000)
+    parser.add_argument("--test-examples", type=int, default=1024, help="a multiple of the batch sizes")
     parser.add_argument("--test-seed", type=int, default=12345, help="same test set for every model")
     parser.add_argument("--probe-examples", type=int, default=256, help="held-out examples per log line")
+    parser.set_defaults(log_every=50)  # the early-stopping probe
     args = parser.parse_args(argv)
+    if args.lr_sweep_at == "first":
+        args.lr_sweep_at = next(iter(grid_cells(args)), None)
+    if args.lr_sweep_at is not None:
+        T, K = args.lr_sweep_at
+        if (T, K) not in grid_cells(args):
+            parser.error(f"--lr-sweep-at {T}:{K} is not a cell of --seq-lens x --kv-pairs with T >= 8 x K")
     for arch in args.archs:
         try:
             arch_layers(arch)

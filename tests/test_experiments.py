@@ -36,13 +36,15 @@ TINY_LM = ["--device", "cpu", "--d-model", "32", "--n-layers", "2", "--n-heads",
 def test_mqar_examples_pair_each_query_with_its_value():
     task = mqar.MQARTask(vocab_size=64, seq_len=48, num_pairs=5)
     batch = mqar.sample_batch(task, 16, torch.Generator().manual_seed(0), torch.device("cpu"))
-    for x, y, pos, dist in zip(batch.inputs, batch.targets, batch.query_pos, batch.distance, strict=True):
+    rows = zip(batch.inputs, batch.targets, batch.query_pos, batch.values, batch.distance, strict=True)
+    for x, y, pos, vals, dist in rows:
         keys, values = x[0:10:2], x[1:10:2]
         assert len(set(keys.tolist())) == 5 and len(set(values.tolist())) == 5
         assert keys.max() < 32 <= values.min() and keys.min() >= 1
         assert sorted(pos.tolist()) == sorted((y != harness.IGNORE_INDEX).nonzero().flatten().tolist())
         assert (pos >= 10).all() and (pos % 2 == 0).all()
-        for i, p in enumerate(pos.tolist()):
+        assert torch.equal(vals, values)
+        for i, p in enumerate(pos.tolist()):  # the query is the key itself, its label the key's value
             assert x[p] == keys[i] and y[p] == values[i] and dist[i] == p - 2 * i
         assert (x[10:][y[10:] == harness.IGNORE_INDEX] == 0).all()  # Zoology's figure setting: zero filler
 
@@ -54,6 +56,57 @@ def test_mqar_is_reproducible_from_the_seed():
     assert torch.equal(a.inputs, b.inputs) and torch.equal(a.targets, b.targets)
     with pytest.raises(ValueError):
         mqar.MQARTask(vocab_size=64, seq_len=32, num_pairs=9)  # no room for 9 queries
+
+
+def test_mqar_model_scores_the_queries_as_the_language_model_does():
+    """The query-only logits and loss equal the LanguageModel's full logits and masked loss; positions other
+    than the queries get no gradient; "scaled" and "untied" change only the output projection."""
+    V, D = 64, 16
+    task = mqar.MQARTask(vocab_size=V, seq_len=32, num_pairs=4)
+    cfg = harness.ModelConfig(vocab_size=V, d_model=D, n_layers=2, n_heads=2, d_ffn=32, layers="rat,attn",
+                              chunk_size=4, context=32)  # fmt: skip
+    torch.manual_seed(0)
+    model = mqar.MQARModel(cfg, "tied")
+    batch = mqar.sample_batch(task, 3, torch.Generator().manual_seed(1), torch.device("cpu"))
+    full = model.lm(batch.inputs)
+    torch.testing.assert_close(model(batch.inputs), full)
+    at_queries = full.gather(1, batch.query_pos[..., None].expand(-1, -1, V))
+    torch.testing.assert_close(model.query_logits(batch.inputs, batch.query_pos), at_queries)
+    loss = mqar.query_loss(model, batch.inputs, (batch.query_pos, batch.values))
+    torch.testing.assert_close(loss, harness.masked_loss(full, batch.targets))
+    logits = full.detach().requires_grad_()
+    harness.masked_loss(logits, batch.targets).backward()
+    assert torch.equal(logits.grad.abs().sum(-1) > 0, batch.targets != harness.IGNORE_INDEX)
+    scaled = mqar.MQARModel(cfg, "scaled")
+    scaled.load_state_dict(model.state_dict())
+    torch.testing.assert_close(scaled(batch.inputs), full / (cfg.init_std * D**0.5))
+    untied = mqar.MQARModel(cfg, "untied")
+    assert sum(p.numel() for p in untied.parameters()) == model.lm.num_params() + V * D
+    assert untied(batch.inputs).shape == full.shape
+
+
+def test_lr_sweep_runs_its_cell_first_and_the_rest_at_its_best_rate(tmp_path):
+    argv = ["--out", str(tmp_path), "--archs", "attn,rnn", "--seq-lens", "32,64", "--kv-pairs", "2,4",
+            "--lrs", "1e-3,3e-3", "--lr-sweep-at", "64:4"]  # fmt: skip
+    args = mqar.parse_args(argv)
+    jobs = mqar.make_jobs(args)
+    assert [j.name for j in jobs[:4]] == [f"{arch}_T64_K4_lr{lr}_s0" for arch in ("attn", "rnn")
+                                          for lr in ("0.001", "0.003")]  # fmt: skip
+    assert len(jobs) == 4 + 3 * 2 and {j.params["lr"] for j in jobs[4:]} == {"best"}
+    assert jobs[4].name == "attn_T32_K2_lrbest_s0"
+
+    def write(arch, lr, accuracy, steps, status="ok"):
+        result = {"status": status, "accuracy": accuracy, "steps_run": steps}
+        (tmp_path / f"{mqar.job_name(arch, 64, 4, lr, 0)}.json").write_text(json.dumps(result))
+
+    write("attn", 1e-3, 0.995, 300)
+    write("attn", 3e-3, 0.992, 200)  # both solved: the faster one wins
+    write("rnn", 1e-3, 0.4, 500)
+    write("rnn", 3e-3, 0.9, 500, status="timeout")  # unfinished runs do not count
+    best = {j.params["arch"]: mqar.best_lr(j.params, tmp_path)[0] for j in jobs[4:]}
+    assert best == {"attn": 3e-3, "rnn": 1e-3}
+    with pytest.raises(SystemExit):
+        mqar.parse_args([*argv[:-1], "128:4"])  # not a cell of the grid
 
 
 class Oracle(nn.Module):
@@ -102,6 +155,8 @@ def test_flop_model_scales_as_each_mixer_should():
     rat = [harness.flops_per_token(cfg.replace(layers="rat", chunk_size=16), T) for T in (256, 512)]
     assert attn[1] - attn[0] == pytest.approx(3 * 2 * 4 * 128 * 64)  # 2 layers, 128 more keys each
     assert rnn[0] == rnn[1] and rat[1] - rat[0] == pytest.approx((attn[1] - attn[0]) * 2 / 16)
+    queries_only = harness.flops_per_token(cfg, 256, logit_fraction=0.0)
+    assert attn[0] - queries_only == pytest.approx(6 * 257 * 64)  # the logits, 6 FLOPs per parameter
 
 
 def test_sweep_stops_before_the_deadline_and_records_timeouts(tmp_path, capsys):
@@ -127,20 +182,35 @@ def test_sweep_stops_before_the_deadline_and_records_timeouts(tmp_path, capsys):
     assert harness.run_sweep(jobs, run_one, args) == 1 and ran[3:] == []  # the three results are kept
 
 
+def test_early_stopped_runs_are_compared_with_the_estimate_of_the_steps_they_ran():
+    job = harness.Job("x", {"steps": 100}, estimate_s=25.0, step_s=0.2)
+    assert harness.planned_seconds(job, {"steps_run": 40}) == pytest.approx(13.0)  # 25 - 60 x 0.2
+    assert harness.planned_seconds(harness.Job("y", {}, 25.0), {"steps_run": 40}) == 25.0
+    log = [{"step": 10, "seconds": 9.0}, {"step": 40, "seconds": 15.0}]  # 0.2 s per step after warm-up
+    assert harness.measured_ratio(job, {"log": log, "wall_seconds": 30.0}) == pytest.approx(1.0)
+    assert harness.measured_ratio(harness.Job("y", {}, 25.0), {"wall_seconds": 50.0}) == 2.0
+
+
 def test_mqar_script_end_to_end_and_resumes(tmp_path, capsys):
     argv = ["--out", str(tmp_path), "--device", "cpu", "--archs", "attn,rat-l16,rnn,rat-swa", "--seq-lens",
-            "32", "--kv-pairs", "2", "--vocab", "64", "--d-model", "16", "--n-layers", "2", "--steps", "2",
+            "32", "--kv-pairs", "2,4", "--vocab", "64", "--d-model", "16", "--n-layers", "2", "--steps", "2",
             "--min-batch", "2", "--tokens-per-step", "64", "--test-examples", "4", "--window", "8",
-            "--log-every", "1"]  # fmt: skip
+            "--log-every", "1", "--lrs", "1e-3,3e-3"]  # fmt: skip
     assert mqar.main(argv) == 0
     files = sorted(p.name for p in tmp_path.glob("*.json"))
-    assert files == [f"{a}_T32_K2_lr0.001_s0.json" for a in ("attn", "rat-l16", "rat-swa", "rnn")]
-    result = json.loads((tmp_path / files[0]).read_text())
+    archs = ("attn", "rat-l16", "rat-swa", "rnn")
+    assert files == sorted([f"{a}_T32_K2_lr{lr}_s0.json" for a in archs for lr in ("0.001", "0.003")]
+                           + [f"{a}_T32_K4_lrbest_s0.json" for a in archs])  # fmt: skip
+    result = json.loads((tmp_path / "attn_T32_K2_lr0.001_s0.json").read_text())
     assert result["status"] == "ok" and 0.0 <= result["accuracy"] <= 1.0 and result["queries"] == 8
     assert len(result["log"]) == 2 and "probe_accuracy" in result["log"][0]
+    assert result["estimate_seconds_for_steps_run"] <= result["estimate_seconds"]
+    best = json.loads((tmp_path / "attn_T32_K4_lrbest_s0.json").read_text())
+    assert best["lr_used"] in (1e-3, 3e-3) and set(best["lr_sweep_scores"]) == {"0.001", "0.003"}
+    assert best["optim"]["lr"] == best["lr_used"] and best["queries"] == 16
     capsys.readouterr()
     mqar.main(argv)
-    assert "4 already done, 0 to run" in capsys.readouterr().out
+    assert "12 already done, 0 to run" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="results of other settings"):
         mqar.main([*argv, "--d-model", "32"])
 
