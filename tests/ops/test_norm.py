@@ -74,3 +74,9 @@ def test_module_rounds_once_to_the_autocast_dtype():
         y = norm(x)
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y, rms_norm_naive(x, norm.weight, 1e-6).bfloat16(), rtol=0, atol=0)
+
+
+def test_module_runs_on_the_meta_device():
+    """Shape-only passes (parameter counts, FLOP estimates) build models on the meta device."""
+    y = RMSNorm(8).to("meta")(torch.empty(2, 3, 8, device="meta"))
+    assert y.shape == (2, 3, 8) and y.is_meta

@@ -129,6 +129,26 @@ def test_fused_gates_match_reference(
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"grad {n}: {m}")
 
 
+def test_short_chunk_scan_with_the_gpu_tiling(device, monkeypatch, poison):
+    """The short-chunk kernels with the tile sizes they get on a GPU (several chunks and 32 channels per
+    program, partial program tiles), which the interpreter otherwise never runs: d = 64, both gates."""
+    from ratlm.ops.rat import scan_seq
+
+    gpu_tile = scan_seq.seq_tile
+    monkeypatch.setattr(scan_seq, "seq_tile", lambda C, d, interpret: gpu_tile(C, d, False))
+    assert scan_seq.seq_tile(12, 64, True) == (4, 32, 4)  # 4 chunks x 32 channels, 4 warps
+    poison(*KERNEL_MODULES)
+    leaves = gated_inputs(1, 45, 2, 64, device)
+    out = call_gated(gpu.rat_mix_triton, leaves, 4, engine="torch")
+    ref = call_gated(rat_mix_masked, leaves, 4)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    weight = torch.randn_like(out)
+    grads = torch.autograd.grad((out * weight).sum(), leaves)
+    grads_ref = torch.autograd.grad((ref * weight).sum(), leaves)
+    for name, a, b in zip(["q", "k", "v", "logits", "bias", "z"], grads, grads_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"grad {n}: {m}")
+
+
 def test_fused_gates_reference_twins_agree(device):
     """The token-by-token twin forms the gates the same way as the vectorised path."""
     leaves = [t.detach() for t in gated_inputs(1, 11, 2, 16, device)]

@@ -17,5 +17,6 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # under autocast the next op is a matmul in the autocast dtype: round to it once, here
         kind = x.device.type
-        out_dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+        autocast = torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
+        out_dtype = torch.get_autocast_dtype(kind) if autocast else x.dtype
         return rms_norm(x, self.weight, self.eps, out_dtype)

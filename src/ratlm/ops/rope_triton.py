@@ -23,9 +23,9 @@ def _rope_kernel(
     H, T,
     HALF: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, SIGN: tl.constexpr,
 ):  # fmt: skip
-    bh = tl.program_id(0)
+    bh = tl.program_id(0).to(tl.int64)  # b * (batch stride) passes 2**31 at large batches
     b, h = bh // H, bh % H
-    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t = tl.program_id(1).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     j = tl.arange(0, BLOCK_D)
     mask = (t[:, None] < T) & (j[None, :] < HALF)
     x_ptr = X + b * sxb + h * sxh + t[:, None] * sxt + j[None, :]

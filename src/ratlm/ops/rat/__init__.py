@@ -62,7 +62,8 @@ def rat_mix(
         gate_bias: optional [H * d]: the forget gate is sigmoid(g + gate_bias), computed in fp32 (inside the
             scan kernels on the GPU, so no fp32 gate tensor is ever stored).
         out_gate: optional z [B, T, H, d]: the result is multiplied by sigmoid(z) (inside the merge kernel
-            on the GPU's default engine).
+            with the chunks-as-heads engines, cuDNN's for bf16/fp16 and d <= 128; as a separate op after the
+            "triton" and "flex" engines).
     Returns:
         y [B, T, H, d] in v's dtype (times sigmoid(out_gate) if given), for the mixer's output projection.
 

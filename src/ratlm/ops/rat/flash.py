@@ -42,7 +42,7 @@ def _flash_fwd_kernel(
     H: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     b = (tl.program_id(1) // H).to(tl.int64)
-    h = tl.program_id(1) % H
+    h = (tl.program_id(1) % H).to(tl.int64)  # head offsets of head-major buffers can pass 2**31
     t0 = tl.program_id(0).to(tl.int64) * BM
     tok = t0 + tl.arange(0, BM)
     valid = tok < T
@@ -80,7 +80,7 @@ def _flash_bwd_kv_kernel(
     H: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     b = (tl.program_id(1) // H).to(tl.int64)
-    h = tl.program_id(1) % H
+    h = (tl.program_id(1) % H).to(tl.int64)  # head offsets of head-major buffers can pass 2**31
     n0 = tl.program_id(0).to(tl.int64) * BN
     n = n0 + tl.arange(0, BN)
     n_ok = n < n_sum
@@ -119,7 +119,7 @@ def _flash_bwd_q_kernel(
     H: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     b = (tl.program_id(1) // H).to(tl.int64)
-    h = tl.program_id(1) % H
+    h = (tl.program_id(1) % H).to(tl.int64)  # head offsets of head-major buffers can pass 2**31
     t0 = tl.program_id(0).to(tl.int64) * BM
     tok = t0 + tl.arange(0, BM)
     valid = tok < T

@@ -1,7 +1,8 @@
 """RAT's two gates in plain PyTorch, for the paths that do not fuse them into kernels (SPEC §1.3, §1.8).
 
 The forget gate is sigmoid(logits + gate_bias) in fp32; the output gate multiplies the mixing core's result
-by sigmoid(z), computed in fp32 and rounded once to the result's dtype.
+(already in its dtype) by sigmoid(z), computed in fp32 and rounded to that dtype. The GPU merge kernel
+rounds once, after the gate, so in bf16 it is the more exact of the two.
 """
 
 from __future__ import annotations

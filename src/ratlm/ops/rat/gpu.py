@@ -23,7 +23,8 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def unsupported_reason(
-    q: Tensor, k: Tensor, v: Tensor, g: Tensor, chunk_size: int, gate_bias=None, out_gate=None
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, chunk_size: int,
+    gate_bias: Tensor | None = None, out_gate: Tensor | None = None,
 ) -> str | None:  # fmt: skip
     """Why the GPU path cannot take these inputs (None when it can); shapes are checked by the caller."""
     d = v.shape[3]

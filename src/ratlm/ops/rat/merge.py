@@ -11,6 +11,10 @@ summary part (P = exp(S - lse), D = rowsum(dy * y)); the own key's part is per t
 
     p = exp(s - lse),  dv~_t = p dy,  ds = p (dy.v~_t - D),  dk~_t = scale ds q,  dq += scale ds k~_t.
 
+With the output gate z (`rat_mix(..., out_gate=z)`), the merge writes sigmoid(z) * y to the token layout and
+keeps the ungated y in the engine's buffer; the backward takes the gated output's gradient, returns
+dz = dy_gated * y * s (1 - s) with s = sigmoid(z), and goes on with dy = dy_gated * s.
+
 Both kernels take one (batch, head) and BM tokens with the full head vector per row, so the dot products
 stay in registers. Chunk 0 sees no summary: y = v~_t there.
 """
@@ -43,7 +47,7 @@ def _merge_fwd_kernel(
     H: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, HAS_SUM: tl.constexpr, HAS_Z: tl.constexpr,
 ):  # fmt: skip
     b = (tl.program_id(1) // H).to(tl.int64)
-    h = tl.program_id(1) % H
+    h = (tl.program_id(1) % H).to(tl.int64)  # head offsets of head-major buffers can pass 2**31
     tok = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     valid = tok < T
     c = tok // L
@@ -93,7 +97,7 @@ def _own_bwd_kernel(
     WRITE_DOP: tl.constexpr, WRITE_DD: tl.constexpr,
 ):  # fmt: skip
     b = (tl.program_id(1) // H).to(tl.int64)
-    h = tl.program_id(1) % H
+    h = (tl.program_id(1) % H).to(tl.int64)  # head offsets of head-major buffers can pass 2**31
     tok = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     valid = tok < T
     c = tok // L

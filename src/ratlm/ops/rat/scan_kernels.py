@@ -14,6 +14,11 @@ and sums the key and query gradients of the heads that share a group in register
 
 Tensors addressed per token take strides (batch, chunk, position in chunk, head) and an element offset,
 so one kernel writes [B, T, H, d], [B, H, T, d] or the chunks-as-heads layout [B, C, H, L, d] alike.
+
+With a gate bias the gate input holds logits, and the kernels form sigmoid(logit + bias) themselves (the
+backward writes the logits' gradient and per-tile partial sums of the bias's). The launchers `rat_scan_fwd`
+and `rat_scan_bwd` send chunks of up to 16 tokens to the per-chunk loops of `scan_seq.py` (faster there) and
+longer ones to these kernels; `VARIANT` forces either.
 """
 
 from __future__ import annotations
@@ -60,7 +65,7 @@ def _rat_scan_fwd_kernel(
 ):  # fmt: skip
     pid_t = tl.program_id(0).to(tl.int64)
     b = (tl.program_id(1) // NG).to(tl.int64)
-    grp = tl.program_id(1) % NG
+    grp = (tl.program_id(1) % NG).to(tl.int64)  # head offsets of head-major buffers can pass 2**31
     r = tl.arange(0, BT)
     tok = pid_t * M * L + r
     inside = r < M * L
@@ -136,7 +141,7 @@ def _rat_scan_bwd_kernel(
 ):  # fmt: skip
     pid_t = tl.program_id(0).to(tl.int64)
     b = (tl.program_id(1) // NG).to(tl.int64)
-    grp = tl.program_id(1) % NG
+    grp = (tl.program_id(1) % NG).to(tl.int64)  # head offsets of head-major buffers can pass 2**31
     r = tl.arange(0, BT)
     tok = pid_t * M * L + r
     inside = r < M * L

@@ -11,7 +11,8 @@ states (keys rotated at the chunk index), the chunk summaries and the queries (r
 layouts the attention engines read, the same outputs as `scan_kernels._rat_scan_fwd_kernel`.
 
 Backward: per head, a forward loop recomputes the fp32 states before each token and keeps them in a
-per-program scratch buffer (a few KiB that stay in cache), then a reverse loop runs the adjoint recurrence,
+per-program scratch buffer (a few KiB per program, which stay in cache; 8 bytes per token and key-group
+channel in all), then a reverse loop runs the adjoint recurrence,
 writes dv and dg (through the sigmoid and the bias partial sums when the gate comes as logits), and adds the
 head's key and query gradients into fp32 [B, T, G, d] buffers (read-modify-write by the program that owns
 those elements; cast afterwards). Each program takes BD channels of one half of the head vector: only the
@@ -50,7 +51,7 @@ def _rat_seq_fwd_kernel(
     LOGITS: tl.constexpr,
 ):  # fmt: skip
     b = (tl.program_id(1) // NG).to(tl.int64)
-    grp = tl.program_id(1) % NG
+    grp = (tl.program_id(1) % NG).to(tl.int64)  # head offsets of head-major buffers can pass 2**31
     c = tl.program_id(0).to(tl.int64) * NC + tl.arange(0, NC)
     i = tl.program_id(2) * BD + tl.arange(0, BD)
     col = i[None, :]
@@ -130,7 +131,7 @@ def _rat_seq_bwd_kernel(
     LOGITS: tl.constexpr,
 ):  # fmt: skip
     b = (tl.program_id(1) // NG).to(tl.int64)
-    grp = tl.program_id(1) % NG
+    grp = (tl.program_id(1) % NG).to(tl.int64)  # head offsets of head-major buffers can pass 2**31
     c = tl.program_id(0).to(tl.int64) * NC + tl.arange(0, NC)
     start = tl.program_id(2) * BD
     first = start < HALF
@@ -150,8 +151,9 @@ def _rat_seq_bwd_kernel(
     m_end = ((c < n_sum) & ((c + 1) * L <= T))[:, None]  # chunk ends whose summary a later chunk read
     W = H * 2 * HALF  # elements per token of the [B, T, H, d] outputs
     WG = NG * 2 * HALF  # and of the [B, T, G, d] ones
-    # this program's scratch: the fp32 states before each token of its tile, [L, 2, NC, BD]; written and
-    # read back by the same threads, so it stays in cache and costs no traffic to speak of
+    # this program's scratch: the fp32 states before each token of its tile, [L, 2, NC, BD]; it stays in
+    # cache and costs no traffic to speak of. The barriers below order its writes before its reads (and a
+    # head's stores into DQ and DK before the next head reads them back): do not remove them
     pid = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)
     tile = tl.arange(0, NC)[:, None] * BD + tl.arange(0, BD)[None, :]
     hist = HIST + pid.to(tl.int64) * (L * 2 * NC * BD) + tile
@@ -288,8 +290,8 @@ def _grad_inputs(
     NC: tl.constexpr, BD: tl.constexpr, HALF: tl.constexpr, ROPE: tl.constexpr, HAS_DQB: tl.constexpr,
 ):  # fmt: skip
     """Everything the reverse loop reads at row l, raw (no arithmetic on the loaded values, so nothing waits
-    for them here); zeros for l < 0 and past the sequence. The key and query buffers read back only after
-    the group's first head (j > 0) has written them."""
+    for them here); zeros for l < 0 and, except the scratch states (unused there), past the sequence. The
+    key and query buffers are read back only after the group's first head (j > 0) has written them."""
     tok = c * L + l
     live = (tok < T) & (l >= 0)
     m2 = live[:, None]
