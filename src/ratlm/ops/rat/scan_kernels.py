@@ -44,12 +44,18 @@ def _combine2(a1, x1, y1, a2, x2, y2):
 
 
 @triton.jit
-def _gate(ptr, mask, bias_ptr, LOGITS: tl.constexpr):
-    """The forget gate at ptr as fp32, zero where masked: the stored gate, or sigmoid(logit + bias)."""
-    x = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+def _gate_of(x, mask, bias_ptr, LOGITS: tl.constexpr):
+    """The forget gate from loaded values, fp32, zero where masked: the gate, or sigmoid(logit + bias)."""
+    x = x.to(tl.float32)
     if LOGITS:
         x = tl.where(mask, tl.sigmoid(x + tl.load(bias_ptr).to(tl.float32)[None, :]), 0.0)
     return x
+
+
+@triton.jit
+def _gate(ptr, mask, bias_ptr, LOGITS: tl.constexpr):
+    """The forget gate at ptr (see `_gate_of`)."""
+    return _gate_of(tl.load(ptr, mask=mask, other=0.0), mask, bias_ptr, LOGITS)
 
 
 @triton.jit

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from ..scan.kernel import round_to
+from .scan_kernels import _gate_of
 
 MAX_CHUNK = 16
 
@@ -55,13 +56,7 @@ def _rat_seq_fwd_kernel(
     c = tl.program_id(0).to(tl.int64) * NC + tl.arange(0, NC)
     i = tl.program_id(2) * BD + tl.arange(0, BD)
     col = i[None, :]
-    if ROPE:
-        m_c = (c < C)[:, None]
-        cos = tl.load(COS + c[:, None] * HALF + col, mask=m_c, other=1.0)
-        sin = tl.load(SIN + c[:, None] * HALF + col, mask=m_c, other=0.0)
-    else:
-        cos = 0.0
-        sin = 0.0
+    cos, sin = _rope_of_chunks(COS, SIN, c, C, col, HALF, ROPE)
     is_sum = ((c < C - 1) & ((c + 1) * L <= T))[:, None]  # summaries a later chunk reads
     for j in range(H // NG):
         h = grp + j * NG
@@ -143,11 +138,8 @@ def _rat_seq_bwd_kernel(
     else:
         pair = -HALF
         sign = -1.0
-    if ROPE:
-        m_c = (c < C)[:, None]
-        half_col = (i % HALF)[None, :]
-        cos = tl.load(COS + c[:, None] * HALF + half_col, mask=m_c, other=1.0)
-        sin = sign * tl.load(SIN + c[:, None] * HALF + half_col, mask=m_c, other=0.0)
+    cos, sin = _rope_of_chunks(COS, SIN, c, C, (i % HALF)[None, :], HALF, ROPE)
+    sin = sign * sin
     m_end = ((c < n_sum) & ((c + 1) * L <= T))[:, None]  # chunk ends whose summary a later chunk read
     W = H * 2 * HALF  # elements per token of the [B, T, H, d] outputs
     WG = NG * 2 * HALF  # and of the [B, T, G, d] ones
@@ -240,35 +232,36 @@ def _rat_seq_bwd_kernel(
 
 
 @triton.jit
-def _gate_of(x, mask, bias_ptr, LOGITS: tl.constexpr):
-    """The forget gate from loaded values, fp32, zero where masked: the gate, or sigmoid(logit + bias)."""
-    x = x.to(tl.float32)
-    if LOGITS:
-        x = tl.where(mask, tl.sigmoid(x + tl.load(bias_ptr).to(tl.float32)[None, :]), 0.0)
-    return x
-
-
-@triton.jit
 def _fwd_inputs(
     l, c, b, h, grp, col, T, L, Q, K, V, G, sq_b, sq_t, sq_g, sk_b, sk_t, sk_g, sv_b, sv_t, sv_h,
     sg_b, sg_t, sg_h, HALF: tl.constexpr, WRITE_Q: tl.constexpr,
 ):  # fmt: skip
     """Row l's key, gate (or logit), value and query halves, raw; zeros past the chunk or the sequence."""
+    g1, v1, k1 = _state_inputs(
+        l, c, b, h, grp, col, T, L, G, V, K, sg_b, sg_t, sg_h, sv_b, sv_t, sv_h, sk_b, sk_t, sk_g
+    )
+    g2, v2, k2 = _state_inputs(
+        l, c, b, h, grp, col + HALF, T, L, G, V, K, sg_b, sg_t, sg_h, sv_b, sv_t, sv_h, sk_b, sk_t, sk_g
+    )
     tok = c * L + l
-    m2 = ((tok < T) & (l < L))[:, None]
-    row_k = K + b * sk_b + tok[:, None] * sk_t + grp * sk_g + col
-    row_g = G + b * sg_b + tok[:, None] * sg_t + h * sg_h + col
-    row_v = V + b * sv_b + tok[:, None] * sv_t + h * sv_h + col
+    m_q = ((tok < T) & (l < L))[:, None] & WRITE_Q
     row_q = Q + b * sq_b + tok[:, None] * sq_t + grp * sq_g + col
-    k1 = tl.load(row_k, mask=m2, other=0.0)
-    k2 = tl.load(row_k + HALF, mask=m2, other=0.0)
-    g1 = tl.load(row_g, mask=m2, other=0.0)
-    g2 = tl.load(row_g + HALF, mask=m2, other=0.0)
-    v1 = tl.load(row_v, mask=m2, other=0.0)
-    v2 = tl.load(row_v + HALF, mask=m2, other=0.0)
-    q1 = tl.load(row_q, mask=m2 & WRITE_Q, other=0.0)
-    q2 = tl.load(row_q + HALF, mask=m2 & WRITE_Q, other=0.0)
+    q1 = tl.load(row_q, mask=m_q, other=0.0)
+    q2 = tl.load(row_q + HALF, mask=m_q, other=0.0)
     return k1, k2, g1, g2, v1, v2, q1, q2
+
+
+@triton.jit
+def _rope_of_chunks(COS, SIN, c, C, half_col, HALF: tl.constexpr, ROPE: tl.constexpr):
+    """cos and sin [NC, BD] of chunks c at channels half_col (< d/2); 0.0 each without RoPE (unused)."""
+    if ROPE:
+        m_c = (c < C)[:, None]
+        cos = tl.load(COS + c[:, None] * HALF + half_col, mask=m_c, other=1.0)
+        sin = tl.load(SIN + c[:, None] * HALF + half_col, mask=m_c, other=0.0)
+    else:
+        cos = 0.0
+        sin = 0.0
+    return cos, sin
 
 
 @triton.jit
