@@ -318,36 +318,35 @@ def rat_scan_fwd(
     B, T, H, d = v.shape
     G = k.shape[2]
     C = triton.cdiv(T, L)
-    so = token_strides(qo, qo_layout, L) if qo is not None else (0,) * 5
-    su = chunk_strides(vsum, sum_layout) if vsum is not None else (0,) * 4
+    pointers = (
+        q, k, v, g, gate_bias if gate_bias is not None else v, cos if rope else v, sin if rope else v,
+        qo if qo is not None else v, vs, ks, vsum if vsum is not None else v, ksum if ksum is not None else v,
+    )  # fmt: skip
+    strides = (
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), g.stride(0), g.stride(1), g.stride(2),
+        *(token_strides(qo, qo_layout, L) if qo is not None else (0,) * 5),
+        *token_strides(vs, s_layout, L),
+        *(chunk_strides(vsum, sum_layout) if vsum is not None else (0,) * 4),
+    )  # fmt: skip
+    q_rows = C * L if qo_layout == "bchld" else T
+    flags = dict(H=H, NG=G, HALF=d // 2, ROPE=rope, WRITE_Q=qo is not None, WRITE_SUM=vsum is not None,
+                 LOGITS=gate_bias is not None)  # fmt: skip
     if _use_seq(L):
         from .scan_seq import _rat_seq_fwd_kernel, seq_tile
 
         NC, BD, warps = seq_tile(C, d, INTERPRET)
-        _rat_seq_fwd_kernel[(triton.cdiv(C, NC), B * G, d // 2 // BD)](
-            q, k, v, g, gate_bias if gate_bias is not None else v, cos if rope else v, sin if rope else v,
-            qo if qo is not None else v, vs, ks, vsum if vsum is not None else v,
-            ksum if ksum is not None else v,
-            T, C, C * L if qo_layout == "bchld" else T,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), g.stride(0), g.stride(1), g.stride(2),
-            *so, *token_strides(vs, s_layout, L), *su,
-            L=L, H=H, NG=G, HALF=d // 2, NC=NC, BD=BD, ROPE=rope, WRITE_Q=qo is not None,
-            WRITE_SUM=vsum is not None, LOGITS=gate_bias is not None, num_warps=warps,
-        )  # fmt: skip
-        return
-    BT, M, BD = tile_shape(L, d, 2048)
-    grid = (triton.cdiv(C, M), B * G, d // 2 // BD)
-    _rat_scan_fwd_kernel[grid](
-        q, k, v, g, gate_bias if gate_bias is not None else v, cos if rope else v, sin if rope else v,
-        qo if qo is not None else v, vs, ks, vsum if vsum is not None else v, ksum if ksum is not None else v,
-        T, L, M, C, C * L if qo_layout == "bchld" else T,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), g.stride(0), g.stride(1), g.stride(2),
-        *so, *token_strides(vs, s_layout, L), *su,
-        H=H, NG=G, HALF=d // 2, BT=BT, BD=BD, ROPE=rope, WRITE_Q=qo is not None, WRITE_SUM=vsum is not None,
-        LOGITS=gate_bias is not None, num_warps=4 if BT * BD <= 1024 else 8,
-    )  # fmt: skip
+        grid = (triton.cdiv(C, NC), B * G, d // 2 // BD)
+        _rat_seq_fwd_kernel[grid](
+            *pointers, T, C, q_rows, *strides, L=L, NC=NC, BD=BD, num_warps=warps, **flags
+        )
+    else:
+        BT, M, BD = tile_shape(L, d, 2048)
+        grid = (triton.cdiv(C, M), B * G, d // 2 // BD)
+        warps = 4 if BT * BD <= 1024 else 8
+        _rat_scan_fwd_kernel[grid](
+            *pointers, T, L, M, C, q_rows, *strides, BT=BT, BD=BD, num_warps=warps, **flags
+        )
 
 
 def rat_scan_bwd(
@@ -359,68 +358,49 @@ def rat_scan_bwd(
     B, T, H, d = v.shape
     G = k.shape[2]
     C = triton.cdiv(T, L)
-    dv = torch.empty(B, T, H, d, device=v.device, dtype=v.dtype)
-    dg = torch.empty(B, T, H, d, device=v.device, dtype=g.dtype)
-    sb = token_strides(dqb, dqb_layout, L) if dqb is not None else (0,) * 5
-    su = chunk_strides(dvsum, sum_layout) if dvsum is not None else (0,) * 4
     logits = gate_bias is not None
-    if _use_seq(L):
+    seq = _use_seq(L)
+    if seq:
         from .scan_seq import _rat_seq_bwd_kernel, seq_tile
 
         NC, BD, warps = seq_tile(C, d, INTERPRET)
-        grid = (triton.cdiv(C, NC), B * G, d // BD)
+        grid = (triton.cdiv(C, NC), B * G, d // BD)  # BD channels of one half per program
         # fp32: the heads of a group add into them one after the other; cast at the end
-        dq, dk = (torch.empty(B, T, G, d, device=v.device, dtype=torch.float32) for _ in range(2))
-        dbias = torch.empty(grid[0] * B, H * d, device=v.device, dtype=torch.float32) if logits else None
-        n_hist = grid[0] * grid[1] * grid[2] * L * 2 * NC * BD
-        hist = torch.empty(n_hist, device=v.device, dtype=torch.float32)
-        _rat_seq_bwd_kernel[grid](
-            k, v, g, gate_bias if logits else v, cos if rope else v, sin if rope else v,
-            dqa, dqb if dqb is not None else dqa, dvs, dks,
-            dvsum if dvsum is not None else dvs, dksum if dksum is not None else dvs,
-            dq, dk, dv, dg, dbias if logits else dg, hist,
-            T, C, n_sum,
-            k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-            g.stride(0), g.stride(1), g.stride(2),
-            *token_strides(dqa, dqa_layout, L), *sb, *token_strides(dvs, s_layout, L), *su,
-            L=L, H=H, NG=G, HALF=d // 2, NC=NC, BD=BD, ROPE=rope, HAS_DQB=dqb is not None,
-            HAS_SUM=dvsum is not None, LOGITS=logits, num_warps=warps,
-        )  # fmt: skip
-        dq, dk = dq.to(q_dtype), dk.to(k.dtype)
+        dq_dtype = dk_dtype = torch.float32
     else:
-        dq, dk, dbias = _scan_bwd(
-            k, v, g, L, rope, cos, sin, dqa, dqa_layout, dqb, dqb_layout, dvs, dks, s_layout,
-            dvsum, dksum, sum_layout, n_sum, q_dtype, gate_bias, dv, dg, sb, su,
-        )  # fmt: skip
-    dbias = dbias.sum(0).to(gate_bias.dtype).view(gate_bias.shape) if logits else None
-    return dq, dk, dv, dg, dbias
-
-
-def _scan_bwd(
-    k, v, g, L, rope, cos, sin, dqa, dqa_layout, dqb, dqb_layout, dvs, dks, s_layout,
-    dvsum, dksum, sum_layout, n_sum, q_dtype, gate_bias, dv, dg, sb, su,
-):  # fmt: skip
-    """The prefix-scan backward kernel for long chunks: dq, dk and the bias's partial sums (or None)."""
-    B, T, H, d = v.shape
-    G = k.shape[2]
-    C = triton.cdiv(T, L)
-    BT, M, BD = tile_shape(L, d, 1024)
-    dq = torch.empty(B, T, G, d, device=v.device, dtype=q_dtype)
-    dk = torch.empty(B, T, G, d, device=v.device, dtype=k.dtype)
-    grid = (triton.cdiv(C, M), B * G, d // 2 // BD)
-    logits = gate_bias is not None
-    # per (tile of rows, batch row): the bias gradient of those rows, summed afterwards (no atomics)
+        BT, M, BD = tile_shape(L, d, 1024)
+        grid = (triton.cdiv(C, M), B * G, d // 2 // BD)  # BD channels of each half per program
+        warps = 4 if BT * BD <= 512 else 8
+        dq_dtype, dk_dtype = q_dtype, k.dtype
+    dq = torch.empty(B, T, G, d, device=v.device, dtype=dq_dtype)
+    dk = torch.empty(B, T, G, d, device=v.device, dtype=dk_dtype)
+    dv = torch.empty(B, T, H, d, device=v.device, dtype=v.dtype)
+    dg = torch.empty(B, T, H, d, device=v.device, dtype=g.dtype)
+    # per (tile of chunks, batch row): the bias gradient of those rows, summed afterwards (no atomics)
     dbias = torch.empty(grid[0] * B, H * d, device=v.device, dtype=torch.float32) if logits else None
-    _rat_scan_bwd_kernel[grid](
+    pointers = (
         k, v, g, gate_bias if logits else v, cos if rope else v, sin if rope else v,
         dqa, dqb if dqb is not None else dqa, dvs, dks,
         dvsum if dvsum is not None else dvs, dksum if dksum is not None else dvs,
         dq, dk, dv, dg, dbias if logits else dg,
-        T, L, M, C, n_sum,
+    )  # fmt: skip
+    strides = (
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         g.stride(0), g.stride(1), g.stride(2),
-        *token_strides(dqa, dqa_layout, L), *sb, *token_strides(dvs, s_layout, L), *su,
-        H=H, NG=G, HALF=d // 2, BT=BT, BD=BD, ROPE=rope, HAS_DQB=dqb is not None, HAS_SUM=dvsum is not None,
-        LOGITS=logits, num_warps=4 if BT * BD <= 512 else 8,
+        *token_strides(dqa, dqa_layout, L),
+        *(token_strides(dqb, dqb_layout, L) if dqb is not None else (0,) * 5),
+        *token_strides(dvs, s_layout, L),
+        *(chunk_strides(dvsum, sum_layout) if dvsum is not None else (0,) * 4),
     )  # fmt: skip
-    return dq, dk, dbias
+    flags = dict(H=H, NG=G, HALF=d // 2, BD=BD, ROPE=rope, HAS_DQB=dqb is not None, HAS_SUM=dvsum is not None,
+                 LOGITS=logits, num_warps=warps)  # fmt: skip
+    if seq:
+        hist = torch.empty(
+            grid[0] * grid[1] * grid[2] * L * 2 * NC * BD, device=v.device, dtype=torch.float32
+        )
+        _rat_seq_bwd_kernel[grid](*pointers, hist, T, C, n_sum, *strides, L=L, NC=NC, **flags)
+        dq, dk = dq.to(q_dtype), dk.to(k.dtype)
+    else:
+        _rat_scan_bwd_kernel[grid](*pointers, T, L, M, C, n_sum, *strides, BT=BT, **flags)
+    dbias = dbias.sum(0).to(gate_bias.dtype).view(gate_bias.shape) if logits else None
+    return dq, dk, dv, dg, dbias
