@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
+from ratlm.bench.layer import kernel_times, time_ms
 from ratlm.ops.rat import gpu, scan_kernels
 
 H, G, d = 16, 2, 128
@@ -36,29 +35,15 @@ def call(xs: list[torch.Tensor], L: int) -> torch.Tensor:
     return gpu.rat_mix_triton(*xs[:4], L, gate_bias=xs[4], out_gate=xs[5], engine="cudnn")
 
 
-def median_ms(fn, n: int = 7) -> float:
+def median_ms(fn) -> float:
+    """Median of 7 timed calls after 2 warm-up calls."""
     for _ in range(2):
         fn()
-    times = []
-    for _ in range(n):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    return time_ms(fn, 0.0, cuda=True, min_reps=7, max_reps=7)[0]
 
 
 def scan_kernel_ms(fn) -> dict[str, float]:
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    out: dict[str, float] = {}
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA and ("scan" in ev.name or "seq" in ev.name):
-            out[ev.name] = out.get(ev.name, 0.0) + ev.device_time / 1e3
-    return out
+    return {k["name"]: k["ms"] for k in kernel_times(fn) if "scan" in k["name"] or "seq" in k["name"]}
 
 
 def measure(xs: list[torch.Tensor], dy: torch.Tensor, L: int) -> dict:

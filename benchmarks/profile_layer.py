@@ -17,47 +17,21 @@ import os
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
-from ratlm.bench.layer import LayerBench, _config, _layer
+from ratlm.bench.layer import LayerBench, _config, _layer, kernel_times, layer_step
 
 
 def profile_one(kind: str, T: int, mode: str, top: int) -> dict:
     bench = LayerBench()
     B = max(1, bench.tokens // T)
-    cfg = _config(bench, 16, T)
     torch.manual_seed(0)
-    layer = _layer(kind, cfg, "cuda")
-    params = list(layer.parameters())
+    layer = _layer(kind, _config(bench, 16, T), "cuda")
     x = torch.randn(B, T, bench.d_model, device="cuda", requires_grad=mode == "train")
-    dy = torch.randn_like(x)
-
-    def step():
-        if mode == "train":
-            for p in params:
-                p.grad = None
-            x.grad = None
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                y = layer(x)
-            y.backward(dy)
-        else:
-            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
-                layer(x)
-
+    step = layer_step(layer, x, torch.randn_like(x) if mode == "train" else None)
     for _ in range(2):
         step()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        step()
-        torch.cuda.synchronize()
-    kernels: dict[str, dict] = {}
-    for ev in prof.events():
-        if ev.device_type != torch.autograd.DeviceType.CUDA:
-            continue
-        k = kernels.setdefault(ev.name, {"name": ev.name, "ms": 0.0, "calls": 0})
-        k["ms"] += ev.device_time / 1e3
-        k["calls"] += 1
-    rows = sorted(kernels.values(), key=lambda r: -r["ms"])
+    rows = kernel_times(step)
     total = sum(r["ms"] for r in rows)
     return {"kind": kind, "T": T, "B": B, "mode": mode, "total_ms": total, "kernels": rows[:top]}
 

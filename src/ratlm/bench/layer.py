@@ -133,7 +133,7 @@ def environment(bench: LayerBench) -> dict:
     }
 
 
-def _time_ms(fn, reps_s: float, cuda: bool, min_reps: int = 3, max_reps: int = 30) -> tuple[float, list]:
+def time_ms(fn, reps_s: float, cuda: bool, min_reps: int = 3, max_reps: int = 30) -> tuple[float, list]:
     """Median milliseconds of fn() (already warmed up): CUDA events on the GPU, the host clock elsewhere."""
     times: list[float] = []
     while len(times) < max_reps and (len(times) < min_reps or sum(times) < 1000 * reps_s):
@@ -151,17 +151,33 @@ def _time_ms(fn, reps_s: float, cuda: bool, min_reps: int = 3, max_reps: int = 3
     return statistics.median(times), times
 
 
+def kernel_times(fn) -> list[dict]:
+    """GPU kernels of one call of fn under torch.profiler: name, total ms and launches, largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    kernels: dict[str, dict] = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            k = kernels.setdefault(ev.name, {"name": ev.name, "ms": 0.0, "calls": 0})
+            k["ms"] += ev.device_time / 1e3
+            k["calls"] += 1
+    return sorted(kernels.values(), key=lambda r: -r["ms"])
+
+
 def ceilings(bench: LayerBench) -> dict:
     """bf16 matmul rate and device-copy bandwidth, measured here (random data, medians)."""
     n, copy_bytes = (256, 2**20) if bench.smoke else (8192, 2**32)
     a = torch.randn(n, n, device=bench.device).bfloat16()
     b = torch.randn(n, n, device=bench.device).bfloat16()
     a @ b
-    ms, _ = _time_ms(lambda: a @ b, bench.rep_s / 2, bench.cuda, bench.min_reps)
+    ms, _ = time_ms(lambda: a @ b, bench.rep_s / 2, bench.cuda, bench.min_reps)
     x = torch.randn(copy_bytes // 4, device=bench.device)
     y = torch.empty_like(x)
     y.copy_(x)
-    ms_copy, _ = _time_ms(lambda: y.copy_(x), bench.rep_s / 2, bench.cuda, bench.min_reps)
+    ms_copy, _ = time_ms(lambda: y.copy_(x), bench.rep_s / 2, bench.cuda, bench.min_reps)
     out = {
         "kind": "ceilings",
         "matmul_bf16_tflops": 2 * n**3 / ms / 1e9,
@@ -434,6 +450,27 @@ def _jobs(bench: LayerBench, T: int) -> list[tuple[str, int | None, str]]:
     return jobs
 
 
+def layer_step(layer: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor | None):
+    """One call of the layer under bf16 autocast: forward + backward of dy (training), or, without dy,
+    an inference-mode forward (prefill)."""
+    device_type = x.device.type
+    params = list(layer.parameters())
+
+    def train_step():
+        for p in params:
+            p.grad = None
+        x.grad = None
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            y = layer(x)
+        y.backward(dy)
+
+    def prefill_step():
+        with torch.inference_mode(), torch.autocast(device_type, dtype=torch.bfloat16):
+            layer(x)
+
+    return prefill_step if dy is None else train_step
+
+
 def time_one(bench: LayerBench, mode: str, T: int, kind: str, L: int | None, candidate: str) -> dict:
     B = max(1, bench.tokens // T)
     cfg = _config(bench, L or 16, T)
@@ -447,24 +484,9 @@ def time_one(bench: LayerBench, mode: str, T: int, kind: str, L: int | None, can
                 step = _core_step(bench, cfg, B, T, mode == "train")
             else:
                 layer = _layer(kind, cfg, bench.device)
-                params = list(layer.parameters())
                 x = torch.randn(B, T, bench.d_model, device=bench.device, requires_grad=mode == "train")
                 dy = torch.randn_like(x) if mode == "train" else None
-                device_type = torch.device(bench.device).type
-
-                def train_step():
-                    for p in params:
-                        p.grad = None
-                    x.grad = None
-                    with torch.autocast(device_type, dtype=torch.bfloat16):
-                        y = layer(x)
-                    y.backward(dy)
-
-                def prefill_step():
-                    with torch.inference_mode(), torch.autocast(device_type, dtype=torch.bfloat16):
-                        layer(x)
-
-                step = train_step if mode == "train" else prefill_step
+                step = layer_step(layer, x, dy)
             base = torch.cuda.memory_allocated() if bench.cuda else 0
             t0 = time.perf_counter()
             step()
@@ -477,7 +499,7 @@ def time_one(bench: LayerBench, mode: str, T: int, kind: str, L: int | None, can
                 row["engine_ran"] = gpu.last_engine if candidate != "torch" else "torch"
             if bench.cuda:
                 torch.cuda.reset_peak_memory_stats()
-            ms, times = _time_ms(step, bench.rep_s, bench.cuda, bench.min_reps)
+            ms, times = time_ms(step, bench.rep_s, bench.cuda, bench.min_reps)
             peak = torch.cuda.max_memory_allocated() if bench.cuda else 0
             f = flops(kind, B, T, cfg, mode == "train")
             row.update(
