@@ -74,8 +74,20 @@ def test_bf16_error_within_twice_plain_pytorch(engine, device):
     of plain PyTorch in bf16 (the masked path, what `rat_mix` runs on the CPU)."""
     L, T, G, d = 4, 30, 2, 16
     leaves = [t.detach().requires_grad_() for t in inputs(1, T, G, d, device, torch.bfloat16)]
+    assert_within_twice_plain(
+        lambda xs: rat_reference_fp64(*xs, L),
+        lambda xs: gpu.rat_mix_triton(*xs, L, engine=engine),
+        lambda xs: rat_mix_masked(*xs, L),
+        leaves,
+        ["y", "dq", "dk", "dv", "dg"],
+    )
+
+
+def assert_within_twice_plain(exact, fast, plain, leaves, names):
+    """STYLE's rule: the output's and every leaf gradient's largest error against exact(fp64 leaves) is at
+    most twice plain PyTorch's on the same low-precision leaves."""
     leaves64 = [t.detach().double().requires_grad_() for t in leaves]
-    ref = rat_reference_fp64(*leaves64, L)
+    ref = exact(leaves64)
     weight = torch.randn_like(ref)
     grads_ref = torch.autograd.grad((ref * weight).sum(), leaves64)
 
@@ -86,9 +98,8 @@ def test_bf16_error_within_twice_plain_pytorch(engine, device):
             for a, b in zip([out, *grads], [ref, *grads_ref], strict=True)
         ]
 
-    errs = errors(gpu.rat_mix_triton(*leaves, L, engine=engine))
-    errs_plain = errors(rat_mix_masked(*leaves, L))
-    for name, e, e_plain in zip(["y", "dq", "dk", "dv", "dg"], errs, errs_plain, strict=True):
+    errs, errs_plain = errors(fast(leaves)), errors(plain(leaves))
+    for name, e, e_plain in zip(names, errs, errs_plain, strict=True):
         assert e <= 2 * e_plain, (name, e, e_plain)
 
 
@@ -162,23 +173,13 @@ def test_fused_gates_bf16_error_within_twice_plain_pytorch(engine, device, scan_
     """STYLE's tolerance rule with both gates fused, for the output and all six gradients."""
     L, T, G, d = 4, 30, 2, 16
     leaves = [t.detach().requires_grad_() for t in gated_inputs(1, T, G, d, device, torch.bfloat16)]
-    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
-    ref = call_gated(rat_mix_masked, leaves64, L)
-    weight = torch.randn_like(ref)
-    grads_ref = torch.autograd.grad((ref * weight).sum(), leaves64)
-
-    def errors(out):
-        grads = torch.autograd.grad((out.double() * weight).sum(), leaves)
-        return [
-            float((a.detach().double() - b.detach()).abs().max())
-            for a, b in zip([out, *grads], [ref, *grads_ref], strict=True)
-        ]
-
-    errs = errors(call_gated(gpu.rat_mix_triton, leaves, L, engine=engine))
-    errs_plain = errors(call_gated(rat_mix_masked, leaves, L))
-    names = ["y", "dq", "dk", "dv", "dlogits", "dbias", "dz"]
-    for name, e, e_plain in zip(names, errs, errs_plain, strict=True):
-        assert e <= 2 * e_plain, (name, e, e_plain)
+    assert_within_twice_plain(
+        lambda xs: call_gated(rat_mix_masked, xs, L),
+        lambda xs: call_gated(gpu.rat_mix_triton, xs, L, engine=engine),
+        lambda xs: call_gated(rat_mix_masked, xs, L),
+        leaves,
+        ["y", "dq", "dk", "dv", "dlogits", "dbias", "dz"],
+    )
 
 
 def test_gate_arguments_are_checked(device):
