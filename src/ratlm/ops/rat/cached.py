@@ -50,7 +50,8 @@ def rat_mix_cached(
         # a fresh prefill: the outputs from the full-sequence op, the cache from the chunk-end states
         k_end, v_end = (s[:, ends].to(v.dtype).transpose(1, 2) for s in (ks, vs))
         _store_summaries(state, k_end, v_end, chunk_ids[ends], position, rope_base)
-        return rat_mix(q, k, v, g, L, position, rope_base, scale, gate_bias=gate_bias, out_gate=out_gate)
+        # the gates formed above, so the outputs and the cached summaries come from the same numbers
+        return rat_mix(q, k, v, gate, L, position, rope_base, scale, out_gate=out_gate)
     vs = vs.to(v.dtype).transpose(1, 2)  # [B, H, T, d]
     ks = ks.to(v.dtype).transpose(1, 2)
     q = q.repeat(1, 1, H // q.shape[2], 1).transpose(1, 2)
