@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .scan.kernel import INTERPRET, round_to
+from .scan.kernel import INTERPRET, round_to, unit_last_stride
 
 
 @triton.jit
@@ -62,8 +62,7 @@ def _rms_bwd_kernel(
 
 def _as_rows(x: Tensor) -> Tensor:
     """A 2-D [N, D] view with unit stride along D (a copy only when no such view exists)."""
-    x2 = x.reshape(-1, x.shape[-1])
-    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+    return unit_last_stride(x.reshape(-1, x.shape[-1]))
 
 
 @functools.cache
