@@ -317,3 +317,10 @@ def test_inputs_with_any_strides(device):
     assert q.stride(-1) == 1 and g.stride(-1) != 1
     out = gpu.rat_mix_triton(q, k, v, g, L, engine="triton")
     torch.testing.assert_close(out, rat_mix_masked(q, k, v, g, L), rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_scan_variant_is_refused(device, monkeypatch):
+    monkeypatch.setattr(scan_kernels, "VARIANT", "fast")
+    q, k, v, g = (t.detach() for t in inputs(1, 9, 2, 16, device))
+    with pytest.raises(ValueError, match="VARIANT must be 'auto', 'seq' or 'scan', got 'fast'"):
+        gpu.rat_mix_triton(q, k, v, g, 4, engine="torch")
