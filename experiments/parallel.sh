@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Run one experiment sweep as one process per architecture, side by side on one GPU.
+#
+#   experiments/parallel.sh mqar|lm|length OUT [more arguments for the script]
+#
+# The models of these sweeps are small (0.8-25M parameters), so one process leaves most of an H200 idle
+# between its kernel launches; several processes fill those gaps. Results do not depend on it (every run is
+# seeded), but the wall times each JSON records are then shared-GPU times. Each process keeps its own
+# --max-minutes guard. Logs go to OUT-logs/<name>.log. Prints DONE when every process printed DONE,
+# otherwise INCOMPLETE (re-run the same command to continue: finished configurations are skipped).
+set -u
+if [ $# -lt 2 ]; then
+    echo "usage: $0 mqar|lm|length OUT [arguments for the script]" >&2
+    exit 2
+fi
+script=$1 out=$2
+shift 2
+case $script in
+    mqar) flag=--archs names="attn rat-l16 rat-l64 rnn rat-swa" ;;
+    lm) flag=--archs names="attn rat rnn attn-swa rat-swa" ;;
+    length) flag=--models names="attn-swa-rope attn-swa-nope rat-swa-rope rat-swa-nope" ;;
+    *)
+        echo "$0: script must be one of mqar, lm, length (got '$script')" >&2
+        exit 2
+        ;;
+esac
+here=$(cd "$(dirname "$0")" && pwd)
+mkdir -p "$out" "$out-logs"
+pids=()
+for name in $names; do
+    OMP_NUM_THREADS=2 python "$here/$script.py" --out "$out" "$flag" "$name" "$@" >"$out-logs/$name.log" 2>&1 &
+    pids+=($!)
+done
+status=0
+for pid in "${pids[@]}"; do
+    wait "$pid" || status=1
+done
+done_all=1
+for name in $names; do
+    echo "== $name: $(tail -n 1 "$out-logs/$name.log")"
+    grep -q '^DONE' "$out-logs/$name.log" || done_all=0
+done
+if [ "$done_all" = 1 ] && [ "$status" = 0 ]; then
+    echo "DONE: every process finished its configurations"
+else
+    echo "INCOMPLETE (or failed: see $out-logs/); re-run the same command to continue"
+    exit 1
+fi
