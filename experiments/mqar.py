@@ -62,6 +62,9 @@ ARCHS: dict[str, dict] = {
     "rat-swa": dict(layers="rat,swa", chunk_size=16),
 }
 
+# The grid of docs/results.md: T from 256 to 4096 at K = 16, and K = 16 and 64 at T = 1024.
+DEFAULT_CELLS = [(256, 16), (1024, 16), (1024, 64), (4096, 16)]
+PRODUCT_SEQ_LENS, PRODUCT_KV_PAIRS = [256, 1024, 4096], [16, 64]  # --seq-lens / --kv-pairs alone
 RAT_ANY_L = re.compile(r"rat-l(\d+)")  # any chunk size by name, e.g. "rat-l2", for small checks
 
 
@@ -264,10 +267,14 @@ def job_name(arch: str, seq_len: int, pairs: int, lr: float | str, seed: int) ->
 
 
 def grid_cells(args: argparse.Namespace) -> list[tuple[int, int]]:
-    """The (T, K) cells of --seq-lens x --kv-pairs with T >= 8 x K, as in every Zoology grid: the K queries
-    then take at most a third of the even positions after the pairs, and their gaps follow the power law (at
-    T = 4 x K every position is taken and the gaps are a mere permutation)."""
-    return [(T, K) for T in args.seq_lens for K in args.kv_pairs if 8 * K <= T]
+    """The (T, K) cells: --cells, or the product of --seq-lens and --kv-pairs with T >= 8 x K, as in every
+    Zoology grid: the K queries then take at most a third of the even positions after the pairs, and their
+    gaps follow the power law (at T = 4 x K every position is taken and the gaps are a mere permutation)."""
+    if args.seq_lens is None and args.kv_pairs is None:
+        return list(args.cells or DEFAULT_CELLS)
+    seq_lens = args.seq_lens or PRODUCT_SEQ_LENS
+    kv_pairs = args.kv_pairs or PRODUCT_KV_PAIRS
+    return [(T, K) for T in seq_lens for K in kv_pairs if 8 * K <= T]
 
 
 def make_jobs(args: argparse.Namespace) -> list[Job]:
@@ -393,11 +400,25 @@ def cell(text: str) -> tuple[int, int] | str | None:
     return int(seq_len), int(pairs)
 
 
+def cell_list(text: str) -> list[tuple[int, int]]:
+    """An argparse type: comma-separated "T:K" cells, each with T >= 8 x K."""
+    cells = []
+    for item in text.split(","):
+        parsed = cell(item)
+        if not isinstance(parsed, tuple):
+            raise argparse.ArgumentTypeError(f"a cell is T:K (sequence length:pairs), got '{item}'")
+        if 8 * parsed[1] > parsed[0]:
+            raise argparse.ArgumentTypeError(f"cell {item}: T must be at least 8 x K")
+        cells.append(parsed)
+    return cells
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = sweep_parser(__doc__)
     parser.add_argument("--archs", type=str_list, default=list(ARCHS), help="comma list")
-    parser.add_argument("--seq-lens", type=int_list, default=[256, 1024, 4096])
-    parser.add_argument("--kv-pairs", type=int_list, default=[16, 64])
+    parser.add_argument("--cells", type=cell_list, help=f"T:K,... (length:pairs; default {DEFAULT_CELLS})")
+    parser.add_argument("--seq-lens", type=int_list, help=f"or: these (default {PRODUCT_SEQ_LENS}) ...")
+    parser.add_argument("--kv-pairs", type=int_list, help=f"... x these (default {PRODUCT_KV_PAIRS}), 8K<=T")
     parser.add_argument("--vocab", type=int, default=256, help="Zoology's figures: 8192 (see the README)")
     parser.add_argument("--power-a", type=float, default=0.01)
     parser.add_argument("--random-fill", action="store_true", help="random tokens between the queries")
@@ -407,11 +428,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--n-heads", type=int, default=2)
     parser.add_argument("--n-groups", type=int, default=2, help="RAT query/key groups (divides n-heads)")
     parser.add_argument("--window", type=int, default=64, help="sliding window of RAT-SWA's attention layers")
-    parser.add_argument("--steps", type=int, default=450, help="at most this many steps ...")
+    parser.add_argument("--steps", type=int, default=2000, help="at most this many steps ...")
     parser.add_argument("--stop-at", type=float, default=0.99, help="... stopping when the probe reaches it")
     parser.add_argument("--tokens-per-step", type=int, default=65536, help="batch = this / seq_len ...")
     parser.add_argument("--min-batch", type=int, default=16, help="... but at least this many sequences")
-    parser.add_argument("--lrs", type=float_list, default=[3e-4, 1e-3, 3e-3], help="swept ...")
+    parser.add_argument("--lrs", type=float_list, default=[1e-3, 3e-3], help="swept ...")
     parser.add_argument("--lr-sweep-at", type=cell, default="first", help="... in the cell T:K, or 'all'")
     parser.add_argument("--seeds", type=int_list, default=[0])
     parser.add_argument("--test-examples", type=int, default=1024, help="a multiple of the batch sizes")
@@ -419,12 +440,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--probe-examples", type=int, default=256, help="held-out examples per log line")
     parser.set_defaults(log_every=50)  # the early-stopping probe
     args = parser.parse_args(argv)
+    if args.cells and (args.seq_lens or args.kv_pairs):
+        parser.error("give either --cells or --seq-lens/--kv-pairs, not both")
     if args.lr_sweep_at == "first":
         args.lr_sweep_at = next(iter(grid_cells(args)), None)
     if args.lr_sweep_at is not None:
         T, K = args.lr_sweep_at
         if (T, K) not in grid_cells(args):
-            parser.error(f"--lr-sweep-at {T}:{K} is not a cell of --seq-lens x --kv-pairs with T >= 8 x K")
+            parser.error(f"--lr-sweep-at {T}:{K} is not a cell of the grid ({grid_cells(args)})")
     for arch in args.archs:
         try:
             arch_layers(arch)

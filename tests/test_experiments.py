@@ -109,6 +109,15 @@ def test_lr_sweep_runs_its_cell_first_and_the_rest_at_its_best_rate(tmp_path):
         mqar.parse_args([*argv[:-1], "128:4"])  # not a cell of the grid
 
 
+def test_cells_replace_the_product_of_lengths_and_pairs(tmp_path):
+    args = mqar.parse_args(["--out", str(tmp_path), "--archs", "attn", "--cells", "64:8,256:16,32:4"])
+    assert mqar.grid_cells(args) == [(64, 8), (256, 16), (32, 4)] and args.lr_sweep_at == (64, 8)
+    assert [j.name for j in mqar.make_jobs(args)][-2:] == ["attn_T256_K16_lrbest_s0", "attn_T32_K4_lrbest_s0"]
+    for bad in ("64:16", "64", "64:x"):  # T < 8 x K, no pairs, not a number
+        with pytest.raises(SystemExit):
+            mqar.parse_args(["--out", str(tmp_path), "--cells", bad])
+
+
 class Oracle(nn.Module):
     """Looks each token up among the key-value pairs at the start: the logits of a perfect recaller."""
 
