@@ -203,7 +203,12 @@ def cost_section(experiments: dict[str, list[dict]]) -> str:
             rows.append([name, str(len(results)), f"{minutes:.1f}", f"{planned:.1f}", ", ".join(gpus)])
     if not rows:
         return ""
-    return table(["experiment", "runs", "measured minutes", "planned minutes", "device"], rows)
+    header = ["experiment", "runs", "sum of run wall times (min)", "planned (min, one at a time)", "device"]
+    note = (
+        "\n\nRuns started by `experiments/parallel.sh` share the GPU (one process per architecture), "
+        "so their wall times overlap: the sum is not the GPU time spent."
+    )
+    return table(header, rows) + note
 
 
 def replace_section(doc: str, name: str, body: str) -> str:
