@@ -64,6 +64,7 @@ ARCHS: dict[str, dict] = {
 
 # The grid of docs/results.md: T from 256 to 4096 at K = 16, and K = 16 and 64 at T = 1024.
 DEFAULT_CELLS = [(256, 16), (1024, 16), (1024, 64), (4096, 16)]
+DEFAULT_WARMUP = 0.1  # linear warmup over this fraction of the steps, then cosine decay (harness.lr_at)
 PRODUCT_SEQ_LENS, PRODUCT_KV_PAIRS = [256, 1024, 4096], [16, 64]  # --seq-lens / --kv-pairs alone
 RAT_ANY_L = re.compile(r"rat-l(\d+)")  # any chunk size by name, e.g. "rat-l2", for small checks
 
@@ -317,6 +318,8 @@ def make_jobs(args: argparse.Namespace) -> list[Job]:
                         "batch_size": batch_size, "test_examples": args.test_examples,
                         "test_seed": args.test_seed, **model_size(args),
                     }  # fmt: skip
+                    if args.warmup != DEFAULT_WARMUP:  # only then: results of the default keep their params
+                        params["warmup"] = args.warmup
                     if lr == BEST_LR:
                         params["lr_sweep"] = {"seq_len": sweep_cell[0], "num_pairs": sweep_cell[1],
                                               "lrs": args.lrs}  # fmt: skip
@@ -358,7 +361,7 @@ def run_job(job: Job, time_limit_s: float, args: argparse.Namespace) -> dict:
     lr, sweep_scores = (p["lr"], None) if p["lr"] != BEST_LR else best_lr(p, Path(args.out))
     if sweep_scores is not None:
         print(f"  learning rate {lr:g}, the sweep's best (test accuracy by lr: {sweep_scores})")
-    optim = OptimConfig(steps=p["steps"], lr=lr, warmup=0.1, weight_decay=0.1)
+    optim = OptimConfig(steps=p["steps"], lr=lr, warmup=p.get("warmup", DEFAULT_WARMUP), weight_decay=0.1)
     data = batches(task, p["batch_size"], p["seed"], device)
     # evaluation in batches of the training shape: FlexAttention (RAT-SWA's window) is compiled per shape
     eval_batch = p["batch_size"]
@@ -429,6 +432,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--n-groups", type=int, default=2, help="RAT query/key groups (divides n-heads)")
     parser.add_argument("--window", type=int, default=64, help="sliding window of RAT-SWA's attention layers")
     parser.add_argument("--steps", type=int, default=2000, help="at most this many steps ...")
+    parser.add_argument("--warmup", type=float, default=DEFAULT_WARMUP, help="fraction of --steps warming up")
     parser.add_argument("--stop-at", type=float, default=0.99, help="... stopping when the probe reaches it")
     parser.add_argument("--tokens-per-step", type=int, default=65536, help="batch = this / seq_len ...")
     parser.add_argument("--min-batch", type=int, default=16, help="... but at least this many sequences")

@@ -113,6 +113,9 @@ def test_cells_replace_the_product_of_lengths_and_pairs(tmp_path):
     args = mqar.parse_args(["--out", str(tmp_path), "--archs", "attn", "--cells", "64:8,256:16,32:4"])
     assert mqar.grid_cells(args) == [(64, 8), (256, 16), (32, 4)] and args.lr_sweep_at == (64, 8)
     assert [j.name for j in mqar.make_jobs(args)][-2:] == ["attn_T256_K16_lrbest_s0", "attn_T32_K4_lrbest_s0"]
+    assert "warmup" not in mqar.make_jobs(args)[0].params  # the default keeps earlier results' params
+    warm = mqar.make_jobs(mqar.parse_args(["--out", str(tmp_path), "--archs", "attn", "--warmup", "0.25"]))
+    assert warm[0].params["warmup"] == 0.25
     for bad in ("64:16", "64", "64:x"):  # T < 8 x K, no pairs, not a number
         with pytest.raises(SystemExit):
             mqar.parse_args(["--out", str(tmp_path), "--cells", bad])
