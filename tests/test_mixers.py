@@ -196,3 +196,48 @@ def test_gate_is_computed_in_fp32(name, module, op, dtype, monkeypatch):
     expected = torch.sigmoid(pre.float() + m.gate_bias.float()).view(seen["g"].shape)
     assert seen["g"].dtype == torch.float32
     torch.testing.assert_close(seen["g"], expected, rtol=0, atol=1e-6)
+
+
+def _projection(bias: bool = False, dtype=torch.float32) -> torch.nn.Linear:
+    torch.manual_seed(0)
+    return torch.nn.Linear(6, 5, bias=bias).to(dtype)
+
+
+def test_add_projection_fuses_the_residual_only_without_autograd(monkeypatch):
+    from ratlm.mixers import residual
+
+    proj = _projection()
+    x, y = torch.randn(2, 3, 5), torch.randn(2, 3, 6)
+    fused = []
+    real_addmm = torch.addmm
+    monkeypatch.setattr(residual.torch, "addmm", lambda *a: fused.append(1) or real_addmm(*a))
+    with torch.no_grad():
+        out = residual.add_projection(x, y, proj)
+    assert fused and out.shape == x.shape
+    torch.testing.assert_close(out, x + proj(y).detach())
+    fused.clear()
+    x.requires_grad_(True)
+    out = residual.add_projection(x, y, proj)  # training: the plain expression, gradients as usual
+    assert not fused
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, torch.ones_like(x))
+    with torch.no_grad():  # a bias, or another dtype: the plain expression
+        residual.add_projection(x, y, _projection(bias=True))
+        residual.add_projection(x.double(), y, proj)
+    assert not fused
+
+
+def test_add_projection_keeps_the_residual_dtype_under_autocast():
+    from ratlm.mixers.residual import add_projection
+
+    proj = _projection()
+    x, y = torch.randn(4, 5), torch.randn(4, 6)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = add_projection(x, y, proj)
+    assert out.dtype == torch.float32  # fp32 stream + bf16 branch, as `x + proj(y)` gives
+    proj16 = _projection(dtype=torch.bfloat16)
+    with torch.no_grad():
+        out16 = add_projection(x.bfloat16(), y.bfloat16(), proj16)
+    assert out16.dtype == torch.bfloat16
+    reference = x.bfloat16().float() + y.bfloat16().float() @ proj16.weight.float().t()
+    torch.testing.assert_close(out16.float(), reference, atol=0.05, rtol=0.02)
