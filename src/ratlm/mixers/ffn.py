@@ -7,7 +7,6 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from .norm import RMSNorm
-from .residual import add_projection
 
 
 class FFN(nn.Module):
@@ -18,4 +17,4 @@ class FFN(nn.Module):
         self.fc2 = nn.Linear(cfg.d_ffn, cfg.d_model, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return add_projection(x, F.gelu(self.fc1(self.norm(x))), self.fc2)
+        return x + self.fc2(F.gelu(self.fc1(self.norm(x))))

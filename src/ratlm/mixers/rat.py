@@ -12,7 +12,6 @@ from ..config import ModelConfig
 from ..ops import rat_mix, rat_mix_cached
 from ..ops.rat.decode import rat_decode
 from .norm import RMSNorm
-from .residual import add_projection
 
 
 class RAT(nn.Module):
@@ -51,7 +50,7 @@ class RAT(nn.Module):
             y = rat_mix(q, k, v, g, *args, **gates)
         else:
             y = rat_mix_cached(q, k, v, g, state, *args, **gates)
-        return add_projection(x, y.reshape(B, T, D), self.out_proj)
+        return x + self.out_proj(y.reshape(B, T, D))
 
     def _step(self, x: Tensor, u: Tensor, state: RATState) -> Tensor:
         """One token per sequence, its position read on the device: the path a CUDA graph captures."""
@@ -63,7 +62,7 @@ class RAT(nn.Module):
         y = rat_decode(
             q, k, v, g, self.gate_bias, z, state, self.chunk_size, self.position, self.rope_base, d**-0.5
         )
-        return add_projection(x, y.view(B, 1, D), self.out_proj)  # y is already gated by sigmoid(z)
+        return x + self.out_proj(y.view(B, 1, D))  # y is already gated by sigmoid(z)
 
     def new_state(self, batch_size: int, max_len: int, device, dtype, tables: dict | None = None) -> RATState:
         """Zeroed state for batch_size sequences of up to max_len tokens; `tables` shares RoPE tables."""

@@ -9,7 +9,6 @@ from ..cache import RNNState, advance, move_to
 from ..config import ModelConfig
 from ..ops import gated_scan
 from .norm import RMSNorm
-from .residual import add_projection
 
 
 class RNN(nn.Module):
@@ -41,7 +40,7 @@ class RNN(nn.Module):
             h = gated_scan(v, g, initial_state=state.state)
             state.state.copy_(h[:, -1])
             move_to(state, state.seen + T)
-        return add_projection(x, torch.sigmoid(z) * h.to(v.dtype), self.out_proj)
+        return x + self.out_proj(torch.sigmoid(z) * h.to(v.dtype))
 
     def new_state(self, batch_size: int, max_len: int, device, dtype, tables: dict | None = None) -> RNNState:
         """Zeroed fp32 state for batch_size sequences (the RNN's state does not grow with max_len)."""
