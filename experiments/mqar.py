@@ -15,11 +15,13 @@ differs. The output projection is ratlm's tied embedding with its logits scaled 
 (--head scaled; see MQARModel and experiments/README.md for why). Examples are generated on the fly from a
 seeded generator, so a run is reproducible on the same hardware and every step sees fresh data. Each model
 is trained at every --lrs in one cell of the grid (--lr-sweep-at, default the first) and at its best rate
-there in every other cell. The default vocabulary is 256 rather than Zoology's 8192, so that the whole grid
-fits one GPU call (README).
+there in every other cell. The default vocabulary is 256 rather than Zoology's 8192, so that a grid is
+learnable in a few thousand steps (README; the default grid fits one 10-minute GPU call when the models
+run side by side, experiments/parallel.sh).
 
     python experiments/mqar.py --out results/mqar                 # the default grid, resumable
     python experiments/mqar.py --out results/mqar --plan          # list configurations and time estimates
+    ./parallel.sh mqar results/mqar                               # one process per model, side by side
 """
 
 from __future__ import annotations
@@ -404,14 +406,16 @@ def cell(text: str) -> tuple[int, int] | str | None:
 
 
 def cell_list(text: str) -> list[tuple[int, int]]:
-    """An argparse type: comma-separated "T:K" cells, each with T >= 8 x K."""
+    """An argparse type: comma-separated distinct "T:K" cells, each with K >= 1 and T >= 8 x K."""
     cells = []
     for item in text.split(","):
         parsed = cell(item)
         if not isinstance(parsed, tuple):
             raise argparse.ArgumentTypeError(f"a cell is T:K (sequence length:pairs), got '{item}'")
-        if 8 * parsed[1] > parsed[0]:
-            raise argparse.ArgumentTypeError(f"cell {item}: T must be at least 8 x K")
+        if parsed[1] < 1 or 8 * parsed[1] > parsed[0]:
+            raise argparse.ArgumentTypeError(f"cell {item}: K must be at least 1 and T at least 8 x K")
+        if parsed in cells:
+            raise argparse.ArgumentTypeError(f"cell {item} is given twice")
         cells.append(parsed)
     return cells
 

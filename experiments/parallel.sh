@@ -4,17 +4,28 @@
 #   experiments/parallel.sh mqar|lm|length OUT [more arguments for the script]
 #
 # The models of these sweeps are small (0.8-25M parameters), so one process leaves most of an H200 idle
-# between its kernel launches; several processes fill those gaps. Results do not depend on it (every run is
-# seeded), but the wall times each JSON records are then shared-GPU times. Each process keeps its own
-# --max-minutes guard. Logs go to OUT-logs/<name>.log. Prints DONE when every process printed DONE,
-# otherwise INCOMPLETE (re-run the same command to continue: finished configurations are skipped).
+# between its kernel launches; several processes fill those gaps. Every run is seeded, so what a finished
+# run computes does not depend on it, but the wall times each JSON records are shared-GPU times, and a run is
+# slower side by side: its --max-minutes guard (each process keeps its own) or the memory may stop it where
+# it would have finished alone, and such a run is recorded as "timeout" or "error" (delete the file to
+# retry). Logs go to OUT-logs/<name>.log. Prints DONE when every process printed DONE, otherwise INCOMPLETE
+# (re-run the same command to continue: finished configurations are skipped). With --plan each process lists
+# what it would run. PYTHON names the interpreter (default: python).
 set -u
 if [ $# -lt 2 ]; then
     echo "usage: $0 mqar|lm|length OUT [arguments for the script]" >&2
     exit 2
 fi
-script=$1 out=$2
+script=$1 out=${2%/}
 shift 2
+for arg in "$@"; do
+    case $arg in
+        --out | --out=* | --archs | --archs=* | --models | --models=*)
+            echo "$0: $arg is set per process by this script; run the script itself for other subsets" >&2
+            exit 2
+            ;;
+    esac
+done
 case $script in
     mqar) flag=--archs names="attn rat-l16 rat-l64 rnn rat-swa" ;;
     lm) flag=--archs names="attn rat rnn attn-swa rat-swa" ;;
@@ -28,13 +39,18 @@ here=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "$out" "$out-logs"
 pids=()
 for name in $names; do
-    OMP_NUM_THREADS=2 python "$here/$script.py" --out "$out" "$flag" "$name" "$@" >"$out-logs/$name.log" 2>&1 &
+    OMP_NUM_THREADS=2 "${PYTHON:-python}" "$here/$script.py" --out "$out" "$flag" "$name" "$@" >"$out-logs/$name.log" 2>&1 &
     pids+=($!)
 done
 status=0
 for pid in "${pids[@]}"; do
     wait "$pid" || status=1
 done
+case " $* " in *" --plan "*)
+    cat "$out"-logs/*.log
+    exit "$status"
+    ;;
+esac
 done_all=1
 for name in $names; do
     echo "== $name: $(tail -n 1 "$out-logs/$name.log")"

@@ -116,9 +116,13 @@ def test_cells_replace_the_product_of_lengths_and_pairs(tmp_path):
     assert "warmup" not in mqar.make_jobs(args)[0].params  # the default keeps earlier results' params
     warm = mqar.make_jobs(mqar.parse_args(["--out", str(tmp_path), "--archs", "attn", "--warmup", "0.25"]))
     assert warm[0].params["warmup"] == 0.25
-    for bad in ("64:16", "64", "64:x"):  # T < 8 x K, no pairs, not a number
+    for bad in ("64:16", "64", "64:x", "0:0", "64:4,64:4"):  # T < 8 K, no K, not a number, K = 0, twice
         with pytest.raises(SystemExit):
             mqar.parse_args(["--out", str(tmp_path), "--cells", bad])
+    with pytest.raises(SystemExit):  # the cells, or the product of two lists: not both
+        mqar.parse_args(["--out", str(tmp_path), "--cells", "64:4", "--seq-lens", "64"])
+    product = mqar.parse_args(["--out", str(tmp_path), "--seq-lens", "128"])
+    assert mqar.grid_cells(product) == [(128, 16)]  # --kv-pairs defaults to 16 and 64, with T >= 8 x K
 
 
 class Oracle(nn.Module):
@@ -225,6 +229,9 @@ def test_mqar_script_end_to_end_and_resumes(tmp_path, capsys):
     assert "12 already done, 0 to run" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="results of other settings"):
         mqar.main([*argv, "--d-model", "32"])
+    warm = tmp_path / "warm"
+    mqar.main([*argv[2:], "--out", str(warm), "--archs", "attn", "--lrs", "1e-3", "--warmup", "0.5"])
+    assert json.loads((warm / "attn_T32_K2_lr0.001_s0.json").read_text())["optim"]["warmup"] == 0.5
 
 
 def fake_sources(root: Path) -> tuple[Path, Path]:
@@ -282,3 +289,25 @@ def test_corpus_lm_length_and_summary_end_to_end(tmp_path):
     text = doc.read_text()
     assert "| rat-swa | " in text and "ppl @ 32 (2N)" in text
     assert "*Not yet run.* No results in `--mqar`" in text  # the MQAR section keeps its placeholder
+
+
+def test_parallel_script_runs_one_process_per_model(tmp_path):
+    import os
+    import subprocess
+
+    env = {**os.environ, "PYTHON": sys.executable}
+    script = str(EXPERIMENTS / "parallel.sh")
+    tiny = ["--device", "cpu", "--cells", "32:2", "--vocab", "64", "--d-model", "16", "--n-layers", "1",
+            "--steps", "1", "--min-batch", "2", "--tokens-per-step", "64", "--test-examples", "4",
+            "--window", "8", "--lrs", "1e-3"]  # fmt: skip
+    out = tmp_path / "mqar"
+    done = subprocess.run(["bash", script, "mqar", f"{out}/", *tiny], capture_output=True, text=True, env=env)
+    assert done.returncode == 0 and done.stdout.rstrip().endswith("every process finished its configurations")
+    names = sorted(p.name for p in out.glob("*.json"))
+    assert names == sorted(f"{arch}_T32_K2_lr0.001_s0.json" for arch in mqar.ARCHS)
+    assert sorted(p.stem for p in (tmp_path / "mqar-logs").glob("*.log")) == sorted(mqar.ARCHS)
+    for bad in (["--archs", "attn"], ["--out=x"]):  # set per process by the script
+        refused = subprocess.run(["bash", script, "mqar", str(out), *bad], capture_output=True, text=True)
+        assert refused.returncode == 2 and bad[0].split("=")[0] in refused.stderr
+    refused = subprocess.run(["bash", script, "nope", str(out)], capture_output=True, text=True)
+    assert refused.returncode == 2 and "mqar, lm, length" in refused.stderr
