@@ -113,3 +113,37 @@ def test_low_precision_error_within_twice_plain_pytorch(dtype):
 def test_bad_inputs_raise(q_shape, k_shape, v_shape, q_start, k_start, window):
     with pytest.raises(ValueError):
         attention(torch.randn(q_shape), torch.randn(k_shape), torch.randn(v_shape), q_start, k_start, window)
+
+
+def test_compiled_flex_keeps_compiling_past_dynamos_default_limit(monkeypatch):
+    """Dynamo runs a function eagerly once it holds `recompile_limit` entries: for flex_attention that means
+    materialising every score. `with_recompile_room` (what our compiled flex runs under) lifts the limit."""
+    import torch._dynamo.config as dynamo_config
+
+    from ratlm.ops.attention.flex import flex_attention_fn, with_recompile_room
+
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    monkeypatch.setattr(dynamo_config, name, 1)
+    compiles = []
+
+    def backend(graph, inputs):
+        compiles.append(graph)
+        return graph.forward
+
+    def plain(x):
+        return x * 2
+
+    def roomy(x):
+        return x * 3
+
+    torch._dynamo.reset()
+    plain_fn = torch.compile(plain, backend=backend, dynamic=False)
+    roomy_fn = with_recompile_room(torch.compile(roomy, backend=backend, dynamic=False), limit=8)
+    for n in (2, 3, 4):
+        plain_fn(torch.ones(n))
+    assert len(compiles) == 1  # the limit: shapes 3 and 4 ran eagerly
+    for n in (2, 3, 4):
+        torch.testing.assert_close(roomy_fn(torch.ones(n)), torch.full((n,), 3.0))
+    assert len(compiles) == 1 + 3 and getattr(dynamo_config, name) == 1  # each shape compiled; limit restored
+    assert flex_attention_fn(False) is not flex_attention_fn(True)
+    torch._dynamo.reset()
