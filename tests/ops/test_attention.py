@@ -115,7 +115,7 @@ def test_bad_inputs_raise(q_shape, k_shape, v_shape, q_start, k_start, window):
         attention(torch.randn(q_shape), torch.randn(k_shape), torch.randn(v_shape), q_start, k_start, window)
 
 
-def test_compiled_flex_keeps_compiling_past_dynamos_default_limit(monkeypatch):
+def test_compiled_flex_keeps_compiling_past_dynamos_default_limit():
     """Dynamo runs a function eagerly once it holds `recompile_limit` entries: for flex_attention that means
     materialising every score. `with_recompile_room` (what our compiled flex runs under) lifts the limit."""
     import torch._dynamo.config as dynamo_config
@@ -123,7 +123,6 @@ def test_compiled_flex_keeps_compiling_past_dynamos_default_limit(monkeypatch):
     from ratlm.ops.attention.flex import flex_attention_fn, with_recompile_room
 
     name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
-    monkeypatch.setattr(dynamo_config, name, 1)
     compiles = []
 
     def backend(graph, inputs):
@@ -139,11 +138,12 @@ def test_compiled_flex_keeps_compiling_past_dynamos_default_limit(monkeypatch):
     torch._dynamo.reset()
     plain_fn = torch.compile(plain, backend=backend, dynamic=False)
     roomy_fn = with_recompile_room(torch.compile(roomy, backend=backend, dynamic=False), limit=8)
-    for n in (2, 3, 4):
-        plain_fn(torch.ones(n))
-    assert len(compiles) == 1  # the limit: shapes 3 and 4 ran eagerly
-    for n in (2, 3, 4):
-        torch.testing.assert_close(roomy_fn(torch.ones(n)), torch.full((n,), 3.0))
-    assert len(compiles) == 1 + 3 and getattr(dynamo_config, name) == 1  # each shape compiled; limit restored
+    with dynamo_config.patch({name: 1}):  # (a monkeypatch would delete the setting when it undoes)
+        for n in (2, 3, 4):
+            plain_fn(torch.ones(n))
+        assert len(compiles) == 1  # the limit: shapes 3 and 4 ran eagerly
+        for n in (2, 3, 4):
+            torch.testing.assert_close(roomy_fn(torch.ones(n)), torch.full((n,), 3.0))
+        assert len(compiles) == 1 + 3 and getattr(dynamo_config, name) == 1  # each shape compiled; restored
     assert flex_attention_fn(False) is not flex_attention_fn(True)
     torch._dynamo.reset()
