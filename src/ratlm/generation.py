@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .cache import CacheOverflowError, ModelCache
 from .model import LanguageModel
+from .ops.compiling import with_recompile_room
 
 
 def sample_next(
@@ -119,7 +120,9 @@ class DecodeStep:
         device = model.embed.weight.device
         self.model, self.cache = model, cache
         self.compiled = compile
-        self.step = torch.compile(decode_one_token, dynamic=False) if compile else decode_one_token
+        # one compiled entry per cache shape: with room past dynamo's 8 (several caches in one process)
+        compiled = with_recompile_room(torch.compile(decode_one_token, dynamic=False)) if compile else None
+        self.step = compiled or decode_one_token
         self.use_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
         if self.use_graph and device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device")

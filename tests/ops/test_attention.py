@@ -120,7 +120,8 @@ def test_compiled_flex_keeps_compiling_past_dynamos_default_limit():
     materialising every score. `with_recompile_room` (what our compiled flex runs under) lifts the limit."""
     import torch._dynamo.config as dynamo_config
 
-    from ratlm.ops.attention.flex import flex_attention_fn, with_recompile_room
+    from ratlm.ops.attention.flex import flex_attention_fn
+    from ratlm.ops.compiling import with_recompile_room
 
     name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
     compiles = []

@@ -11,30 +11,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..compiling import with_recompile_room
+
 BLOCK = 128
 _MASKS: dict[tuple, object] = {}
 _COMPILED = None
-
-
-# Every new shape or mask function is one more compiled entry of flex_attention. Past dynamo's default of 8
-# entries per function it would silently run flex_attention eagerly, materialising every score (O(T^2)
-# memory): a sweep over sequence lengths (`ratlm eval length`, the benchmarks) gets there. Our calls allow
-# this many entries instead.
-RECOMPILE_LIMIT = 256
-
-
-def with_recompile_room(fn, limit: int = RECOMPILE_LIMIT):
-    """fn (a torch.compile'd callable), run with room for `limit` compiled entries (dynamo: 8)."""
-    import torch._dynamo.config as dynamo_config
-
-    # torch >= 2.7 calls it recompile_limit; 2.5 and 2.6 cache_size_limit
-    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
-
-    def call(*args, **kwargs):
-        with dynamo_config.patch({name: max(getattr(dynamo_config, name), limit)}):
-            return fn(*args, **kwargs)
-
-    return call
 
 
 def flex_attention_fn(compiled: bool):
