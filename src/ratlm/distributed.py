@@ -18,6 +18,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
+from .ops.compiling import with_recompile_room
+
 PARALLEL_MODES = ("auto", "none", "ddp", "fsdp")
 DDP_MAX_PARAMS = 100_000_000  # "auto" picks DDP below this size (one all-reduce beats per-block gathers)
 
@@ -143,8 +145,9 @@ def parallelize(
     if compile:
         for block in model.blocks:
             # the forward, not the module: FSDP's gather/free hooks stay outside the compiled graph;
-            # identical blocks share one compiled graph (parameters are graph inputs)
-            block.forward = torch.compile(block.forward)
+            # identical blocks share one compiled graph (parameters are graph inputs); each mixer type,
+            # shape and checkpointing choice is one more entry, with room past dynamo's 8 in one process
+            block.forward = with_recompile_room(torch.compile(block.forward))
     if mode == "fsdp":
         # imported here: FSDP pulls in the compiler stack, which `ratlm --help` should not wait for
         from torch.distributed.device_mesh import init_device_mesh
