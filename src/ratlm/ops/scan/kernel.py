@@ -58,7 +58,7 @@ def _scan_fwd_kernel(
     else:
         carry = tl.zeros([BN], dtype=tl.float32)
     for t0 in range(0, T, BT):
-        t = t0 + r
+        t = (t0 + r).to(tl.int64)  # t x the token stride passes 2**31 in long sequences (T x 2D channels)
         m = (t < T)[:, None] & n_ok[None, :]
         x = tl.load(X + b * sxb + t[:, None] * sxt + n[None, :], mask=m, other=0.0).to(tl.float32)
         # rows past the end get a = 1, u = 0: the state passes through them unchanged
@@ -86,7 +86,7 @@ def _scan_bwd_kernel(
     carry = tl.zeros([BN], dtype=tl.float32)  # dh at the first row of the tile after this one
     n_tiles = tl.cdiv(T, BT)
     for i in range(n_tiles):
-        t = (n_tiles - 1 - i) * BT + r
+        t = ((n_tiles - 1 - i) * BT + r).to(tl.int64)
         ok = t < T
         m = ok[:, None] & n_ok[None, :]
         col = n[None, :]
