@@ -120,6 +120,10 @@ def test_stop_strings_end_a_sequence_after_the_token_that_completes_them():
     assert out == [free[:first], free[:first]]
     with pytest.raises(ValueError, match="tokenizer"):
         generate(byte_model, [prompt], 3, stop_strings=["x"])
+    with pytest.raises(ValueError, match="non-empty"):
+        generate(byte_model, [prompt], 3, stop_strings=["x", ""], tokenizer=tok)
+    with pytest.raises(TypeError, match="list of strings"):
+        generate(byte_model, [prompt], 3, stop_strings="x", tokenizer=tok)
 
 
 def test_on_token_streams_every_kept_token_in_order(model):
@@ -182,6 +186,21 @@ def test_compiled_decode_step_equals_decode_one_token(model):
             x, y = step(ids), decode_one_token(model, b, ids)
             torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
             ids = x.argmax(-1)
+
+
+def test_decode_step_counts_each_token_once_when_its_compile_runs_eagerly(model):
+    """A compiled step that dynamo runs eagerly (TORCH_COMPILE_DISABLE=1, or past its recompile limit) moves
+    the host counters itself: the step must not count the token a second time."""
+    from ratlm.generation import DecodeStep, prefill
+
+    cache = model.new_cache(2, 12)
+    prefill(model, cache, [[1, 2, 3], [4, 5, 6]])
+    with torch._dynamo.config.patch(disable=True):
+        step = DecodeStep(model, cache, cuda_graph=False, compile=True)
+        for token in range(5):
+            step(torch.tensor([token, token]))
+    assert [state.seen for state in cache.layers] == [8] * len(cache.layers)
+    assert all(int(state.pos.max()) == int(state.pos.min()) == 8 for state in cache.layers)
 
 
 def test_cli_streams_a_single_prompt(tmp_path, capsys):

@@ -134,14 +134,14 @@ class DecodeStep:
     def __call__(self, ids: Tensor) -> Tensor:
         # checked here: a replay runs no host code, and a compiled step must not read host counters
         self.cache.check_room(1)
+        seen = [state.seen for state in self.cache.layers]
         if self.use_graph and self.warmed_up:
             if self.graph is None:
                 self._capture(ids)
             self.ids.copy_(ids)
             self.graph.replay()
-            self._count_step()
-            return self.logits
-        if not self.use_graph:
+            logits = self.logits
+        elif not self.use_graph:
             logits = self.step(self.model, self.cache, ids)
         else:
             side = torch.cuda.Stream()
@@ -150,14 +150,11 @@ class DecodeStep:
                 logits = self.step(self.model, self.cache, ids)
             torch.cuda.current_stream().wait_stream(side)
             self.warmed_up = True
-        if self.compiled:
-            self._count_step()
+        # one token further, whoever ran the step: a replay and a compiled step leave the host counters
+        # alone, an eager one (also a compiled step that dynamo runs eagerly) moves them itself
+        for state, n in zip(self.cache.layers, seen, strict=True):
+            state.seen = n + 1
         return logits
-
-    def _count_step(self) -> None:
-        """Advance the host counters after a step that did not (a replay, or a compiled step)."""
-        for state in self.cache.layers:
-            state.seen += 1
 
     def _capture(self, ids: Tensor) -> None:
         self.ids = ids.clone()
@@ -218,6 +215,12 @@ def generate(
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if repetition_penalty <= 0:
         raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+    if isinstance(stop_strings, str):
+        raise TypeError(f"stop_strings must be a list of strings, got the string {stop_strings!r}")
+    if any(not isinstance(s, str) or not s for s in stop_strings):
+        raise ValueError(
+            f"stop_strings must be non-empty strings (an empty one matches at once), got {stop_strings!r}"
+        )
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer to decode the output")
     _check_sampling(temperature, top_k, top_p)
