@@ -249,12 +249,26 @@ def test_unsupported_inputs_raise_and_dispatch_falls_back(device):
     q, k, v, g = (t.detach() for t in inputs(1, 9, 2, 12, device))  # head width 12: not a power of two
     with pytest.raises(ValueError, match="head width"):
         gpu.rat_mix_triton(q, k, v, g, 4)
-    assert gpu.rat_mix_gpu_or_none(q, k, v, g, 4, "rope", 10000.0, None) is None
+    backend._warned.clear()
+    with pytest.warns(RuntimeWarning, match="rat_mix takes its PyTorch path.*head width 12"):
+        assert gpu.rat_mix_gpu_or_none(q, k, v, g, 4, "rope", 10000.0, None) is None
     q, k, v, g = (t.detach() for t in inputs(1, 9, 2, 16, device))
     with pytest.raises(ValueError, match="chunk size"):
         gpu.rat_mix_triton(q, k, v, g, 129)
     with pytest.raises(ValueError, match="engine"):
         gpu.rat_mix_triton(q, k, v, g, 4, engine="magic")
+
+
+def test_costly_fallbacks_warn_once_and_others_only_log(caplog, recwarn):
+    backend._warned.clear()
+    with caplog.at_level("DEBUG", logger="ratlm.ops"):
+        for _ in range(3):
+            backend.fallback("op", "why", costly=True)
+            backend.fallback("op", "cheap")
+    assert [str(w.message).split(" (")[0] for w in recwarn.list] == ["op takes its PyTorch path on CUDA"]
+    assert caplog.text.count("op: PyTorch path") == 6
+    backend.fallback("op", "another reason", costly=True)
+    assert len(recwarn.list) == 2
 
 
 def test_backend_switch():

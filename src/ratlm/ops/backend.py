@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -66,6 +67,23 @@ def fast_path_wanted(*tensors: Tensor) -> bool:
     return _backend != "torch" and all(t.is_cuda for t in tensors)
 
 
-def fallback(op: str, reason: str) -> None:
-    """Record why a call that could have used a GPU path takes the PyTorch path."""
+_warned: set[tuple[str, str]] = set()
+
+
+def fallback(op: str, reason: str, costly: bool = False) -> None:
+    """Record why a call that could have used a GPU path takes the PyTorch path.
+
+    Logged at DEBUG on the "ratlm.ops" logger. A `costly` fallback (one whose PyTorch path holds
+    quadratic-size score tensors, such as RAT's masked attention or windowed attention through a dense
+    mask) also warns, once per (op, reason) in a process: on long sequences it can be many times slower
+    and run out of memory where the GPU path would not.
+    """
     log.debug("%s: PyTorch path (%s)", op, reason)
+    if costly and (op, reason) not in _warned:
+        _warned.add((op, reason))
+        warnings.warn(
+            f"{op} takes its PyTorch path on CUDA ({reason}): far slower, and its score tensors grow with "
+            "the square of the sequence length. RATLM_BACKEND=torch silences this by choosing that path.",
+            RuntimeWarning,
+            stacklevel=3,
+        )

@@ -54,7 +54,7 @@ def attention(
                 from .flex import window_attention_flex
 
                 return window_attention_flex(q, k, v, window, scale)
-            fallback("attention", reason)
+            fallback("attention", f"sliding window: {reason}", costly=True)
     return attention_sdpa(q, k, v, q_start, k_start, window, scale)
 
 
