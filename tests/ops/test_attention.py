@@ -150,3 +150,17 @@ def test_compiled_flex_keeps_compiling_past_dynamos_default_limit():
         assert (getattr(dynamo_config, name), getattr(dynamo_config, total)) == (1, 2)  # restored
     assert flex_attention_fn(False) is not flex_attention_fn(True)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("T", [1, 130, 256, 300])
+def test_flex_window_pads_to_whole_blocks_and_matches_sdpa(T):
+    """FlexAttention (eager on the CPU, forward only there) over T padded to a multiple of 128: the real rows
+    equal SDPA's sliding window. The GPU tests compare gradients too (tests/ops/test_scan_gpu.py)."""
+    from ratlm.ops.attention.flex import window_attention_flex
+    from ratlm.ops.attention.sdpa import attention_sdpa
+
+    torch.manual_seed(T)
+    q, k, v = (torch.randn(1, 2, T, 16) for _ in range(3))
+    out = window_attention_flex(q, k, v, window=40)
+    assert out.shape == (1, 2, T, 16)
+    torch.testing.assert_close(out, attention_sdpa(q, k, v, window=40), rtol=1e-5, atol=1e-5)

@@ -9,6 +9,7 @@ mask functions are plain closures, not bound methods, which torch 2.11's compile
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..compiling import with_recompile_room
@@ -77,6 +78,16 @@ def window_block_mask(T: int, window: int, device):
 # under an outer torch.compile: eager mask building and our own compiled flex_attention
 @torch.compiler.disable
 def window_attention_flex(q: Tensor, k: Tensor, v: Tensor, window: int, scale: float | None = None) -> Tensor:
-    """Sliding-window causal self-attention [B, H, T, d] with FlexAttention (compiled on CUDA)."""
-    mask = window_block_mask(q.shape[2], window, q.device)
-    return flex_attention_fn(q.is_cuda)(q, k, v, block_mask=mask, scale=scale)
+    """Sliding-window causal self-attention [B, H, T, d] with FlexAttention (compiled on CUDA).
+
+    T is padded up to a multiple of the 128-token block, so that prompts of ragged lengths share a handful
+    of compiled shapes instead of compiling once per length; the padded keys come after every real query,
+    so the causal mask hides them, and the padded queries' rows are dropped.
+    """
+    T = q.shape[2]
+    padded = -(-T // BLOCK) * BLOCK
+    if padded != T:
+        q, k, v = (F.pad(t, (0, 0, 0, padded - T)) for t in (q, k, v))
+    mask = window_block_mask(padded, window, q.device)
+    y = flex_attention_fn(q.is_cuda)(q, k, v, block_mask=mask, scale=scale)
+    return y[:, :, :T] if padded != T else y
