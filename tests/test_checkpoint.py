@@ -65,3 +65,19 @@ def test_missing_or_mismatched_files_are_clear_errors(tmp_path):
     (tmp_path / "m" / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="missing"):
         from_pretrained(tmp_path / "m")
+
+
+def test_inference_loaders_note_fp32_weights_on_cuda(recwarn):
+    from types import SimpleNamespace
+
+    from ratlm.checkpoint import note_fp32_on_cuda
+
+    def model(is_cuda, dtype):
+        return SimpleNamespace(embed=SimpleNamespace(weight=SimpleNamespace(is_cuda=is_cuda, dtype=dtype)))
+
+    note_fp32_on_cuda(model(False, torch.float32), dtype_given=False)  # the CPU: fp32 is the fast path
+    note_fp32_on_cuda(model(True, torch.bfloat16), dtype_given=False)
+    note_fp32_on_cuda(model(True, torch.float32), dtype_given=True)  # asked for
+    assert not recwarn.list
+    with pytest.warns(UserWarning, match="--dtype bf16"):
+        note_fp32_on_cuda(model(True, torch.float32), dtype_given=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -95,6 +96,18 @@ def dtype_named(name: str | None) -> torch.dtype | None:
     if name is not None and name not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
     return DTYPES.get(name)
+
+
+def note_fp32_on_cuda(model: LanguageModel, dtype_given: bool) -> None:
+    """For inference entry points: say once that fp32 weights on CUDA miss the fast kernels (cuDNN's chunk
+    attention takes bf16/fp16; the fp32 kernels avoid tensor cores) and double the cache."""
+    weight = model.embed.weight
+    if not dtype_given and weight.is_cuda and weight.dtype == torch.float32:
+        warnings.warn(
+            "the model's weights are fp32 (as saved): on CUDA, dtype bf16 (`--dtype bf16`) takes the fast "
+            "kernels and halves the cache",
+            stacklevel=3,
+        )
 
 
 def from_pretrained(directory: str | Path, device=None, dtype: torch.dtype | None = None) -> LanguageModel:

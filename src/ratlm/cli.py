@@ -10,7 +10,7 @@ from dataclasses import fields
 
 import torch
 
-from .checkpoint import DTYPES, dtype_named
+from .checkpoint import DTYPES, dtype_named, note_fp32_on_cuda
 
 
 class UsageError(ValueError):
@@ -88,6 +88,7 @@ def _load(args: argparse.Namespace):
 
     device = resolve_device(args.device)
     model = from_pretrained(args.model, device=device, dtype=dtype_named(args.dtype))
+    note_fp32_on_cuda(model, args.dtype is not None)
     return model, device
 
 

@@ -49,9 +49,11 @@ def resolve_device(name: str | None) -> torch.device:
 
 def load_model(directory: str | Path, device: str | None = None, dtype: str | None = None):
     """A model directory (from `save_pretrained` or `ratlm convert-official`) in eval mode, on `device`."""
-    from ..checkpoint import dtype_named, from_pretrained
+    from ..checkpoint import dtype_named, from_pretrained, note_fp32_on_cuda
 
-    return from_pretrained(directory, device=resolve_device(device), dtype=dtype_named(dtype))
+    model = from_pretrained(directory, device=resolve_device(device), dtype=dtype_named(dtype))
+    note_fp32_on_cuda(model, dtype is not None)
+    return model
 
 
 def model_tokenizer(model_dir: str | Path, tokenizer: str | None = None) -> Tokenizer | None:
