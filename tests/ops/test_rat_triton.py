@@ -338,3 +338,34 @@ def test_unknown_scan_variant_is_refused(device, monkeypatch):
     q, k, v, g = (t.detach() for t in inputs(1, 9, 2, 16, device))
     with pytest.raises(ValueError, match="VARIANT must be 'auto', 'seq' or 'scan', got 'fast'"):
         gpu.rat_mix_triton(q, k, v, g, 4, engine="torch")
+
+
+@pytest.mark.parametrize(
+    "L, T, G, position, logits",
+    [(4, 14, 2, "rope", True), (4, 16, 2, "rope", False), (16, 9, 2, "nope", True), (32, 70, 1, "rope", True),
+     (5, 23, 4, "rope", False), (4, 4, 2, "rope", True)],
+)  # fmt: skip
+def test_prefill_cache_by_scan_equals_the_pytorch_fill(device, scan_variant, L, T, G, position, logits):
+    """A fresh prefill on CUDA fills the cache with the scan kernel (chunks 0..C-2) and a short fp32 scan of
+    the last chunk: the same summaries, running states and positions as the PyTorch path."""
+    from ratlm.cache import RATState
+    from ratlm.ops.rat.cached import fill_cache_by_scan, rat_mix_cached
+
+    torch.manual_seed(T + L)
+    B, d = 2, 16
+    q, k, v, g = (t.detach() for t in inputs(B, T, G, d, device))
+    bias = torch.randn(H * d, device=device) if logits else None
+    gate = torch.randn(B, T, H, d, device=device) if logits else g
+
+    def empty():
+        C = -(-T // L) + 1
+        zeros = [torch.zeros(B, H, *shape, device=device) for shape in ((C, d), (C, d), (d,), (d,))]
+        return RATState(*zeros)
+
+    ours, ref = empty(), empty()
+    fill_cache_by_scan(k, v, gate, ours, L, position, gate_bias=bias)
+    with backend.use_backend("torch"):
+        rat_mix_cached(q, k, v, gate, ref, L, position, gate_bias=bias)
+    for name in ("keys", "values", "k_run", "v_run"):
+        torch.testing.assert_close(getattr(ours, name), getattr(ref, name), rtol=1e-5, atol=1e-5, msg=name)
+    assert ours.seen == ref.seen == T and torch.equal(ours.pos, ref.pos)
