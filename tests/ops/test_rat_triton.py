@@ -369,3 +369,9 @@ def test_prefill_cache_by_scan_equals_the_pytorch_fill(device, scan_variant, L, 
     for name in ("keys", "values", "k_run", "v_run"):
         torch.testing.assert_close(getattr(ours, name), getattr(ref, name), rtol=1e-5, atol=1e-5, msg=name)
     assert ours.seen == ref.seen == T and torch.equal(ours.pos, ref.pos)
+    with pytest.raises(ValueError, match="empty state"):  # filled already
+        fill_cache_by_scan(k, v, gate, ours, L, position, gate_bias=bias)
+    short = RATState(*(torch.zeros(B, H, *shape, device=device) for shape in ((0, d), (0, d), (d,), (d,))))
+    if T >= L:  # a cache without room for the summaries: refused, never overrun
+        with pytest.raises(ValueError, match="room for"):
+            fill_cache_by_scan(k, v, gate, short, L, position, gate_bias=bias)

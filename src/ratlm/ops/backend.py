@@ -70,13 +70,14 @@ def fast_path_wanted(*tensors: Tensor) -> bool:
 _warned: set[tuple[str, str]] = set()
 
 
-def fallback(op: str, reason: str, costly: bool = False) -> None:
+def fallback(op: str, reason: str, costly: bool = False, stacklevel: int = 3) -> None:
     """Record why a call that could have used a GPU path takes the PyTorch path.
 
     Logged at DEBUG on the "ratlm.ops" logger. A `costly` fallback (one whose PyTorch path holds
     quadratic-size score tensors, such as RAT's masked attention or windowed attention through a dense
     mask) also warns, once per (op, reason) in a process: on long sequences it can be many times slower
-    and run out of memory where the GPU path would not.
+    and run out of memory where the GPU path would not. `stacklevel` points the warning at the caller's
+    caller (more where a decorator stands between).
     """
     log.debug("%s: PyTorch path (%s)", op, reason)
     if costly and (op, reason) not in _warned:
@@ -85,5 +86,5 @@ def fallback(op: str, reason: str, costly: bool = False) -> None:
             f"{op} takes its PyTorch path on CUDA ({reason}): far slower, and its score tensors grow with "
             "the square of the sequence length. RATLM_BACKEND=torch silences this by choosing that path.",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=stacklevel,
         )

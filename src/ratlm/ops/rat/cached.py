@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from ...cache import RATState, move_to
-from ..backend import fast_path_wanted
+from ..backend import fallback, fast_path_wanted
 from ..rope import apply_rope, rope_cos_sin
 from .gates import forget_gate, output_gate
 from .masked import chunk_attention_masked, scan_states
@@ -43,10 +43,12 @@ def rat_mix_cached(
     if n0 == 0 and fast_path_wanted(q, k, v, g):
         from .gpu import unsupported_reason
 
-        if unsupported_reason(q, k, v, g, L, gate_bias, out_gate) is None:
+        reason = unsupported_reason(q, k, v, g, L, gate_bias, out_gate)
+        if reason is None:
             # a fresh prefill: the outputs from the full-sequence op, the cache from the scan kernel
             fill_cache_by_scan(k, v, g, state, L, position, rope_base, gate_bias=gate_bias)
             return rat_mix(q, k, v, g, L, position, rope_base, scale, gate_bias=gate_bias, out_gate=out_gate)
+        fallback("rat_mix_cached", reason, costly=True)
     gate = forget_gate(g, gate_bias)
     vs, ks = scan_states(v, k, gate, L, offset=n0, initial=(state.v_run, state.k_run))  # [B, T, H, d] fp32
     state.v_run.copy_(vs[:, -1])
@@ -69,6 +71,7 @@ def rat_mix_cached(
     return output_gate(y, out_gate)
 
 
+@torch.compiler.disable  # kernel launches writing into the cache: host logic, as rat_mix_gpu_or_none
 def fill_cache_by_scan(
     k: Tensor,
     v: Tensor,
@@ -96,6 +99,14 @@ def fill_cache_by_scan(
     L = chunk_size
     C = -(-T // L)
     rope = position == "rope"
+    slots = state.keys.shape[2]
+    if state.seen != 0 or slots < T // L:  # the kernel writes by strides: a short cache would be overrun
+        raise ValueError(
+            f"fill_cache_by_scan needs an empty state with room for {T // L} chunk summaries; it has seen "
+            f"{state.seen} tokens and holds {slots} slots"
+        )
+    if state.keys.shape != state.values.shape or state.keys.stride(-1) != 1 or state.values.stride(-1) != 1:
+        raise ValueError("the state's keys and values must be [B, H, C, d] with a unit stride along d")
     if C > 1:
         cos, sin = rope_tables(C, d, rope_base, v.device) if rope else (None, None)
         vs, ks = (torch.empty(B, T, H, d, device=v.device, dtype=v.dtype) for _ in range(2))  # not kept
@@ -107,7 +118,7 @@ def fill_cache_by_scan(
     state.v_run.copy_(vs[:, -1])
     state.k_run.copy_(ks[:, -1])
     if T - t0 == L:  # the last chunk is complete: its summary too
-        last = torch.tensor([C - 1], device=v.device)
+        last = torch.arange(C - 1, C, device=v.device)  # (built on the device: no host copy, no sync)
         k_end, v_end = (s[:, -1:].to(v.dtype).transpose(1, 2) for s in (ks, vs))
         _store_summaries(state, k_end, v_end, last, position, rope_base)
     move_to(state, T)

@@ -143,7 +143,7 @@ def rat_mix_gpu_or_none(
     """The GPU path when the backend and the inputs allow it, else None (the reason is logged)."""
     reason = unsupported_reason(q, k, v, g, chunk_size, gate_bias, out_gate)
     if reason is not None:
-        fallback("rat_mix", reason, costly=v.shape[1] > 0)
+        fallback("rat_mix", reason, costly=v.shape[1] > 0, stacklevel=5)  # past torch.compiler.disable
         return None
     backend = get_backend()
     gates = dict(gate_bias=gate_bias, out_gate=out_gate)
