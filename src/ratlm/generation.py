@@ -119,10 +119,9 @@ class DecodeStep:
     ):
         device = model.embed.weight.device
         self.model, self.cache = model, cache
-        self.compiled = compile
-        # one compiled entry per cache shape: with room past dynamo's 8 (several caches in one process)
-        compiled = with_recompile_room(torch.compile(decode_one_token, dynamic=False)) if compile else None
-        self.step = compiled or decode_one_token
+        self.step = decode_one_token
+        if compile:  # one compiled entry per cache shape: room past dynamo's 8 (several caches in a process)
+            self.step = with_recompile_room(torch.compile(decode_one_token, dynamic=False))
         self.use_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
         if self.use_graph and device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device")
