@@ -311,3 +311,18 @@ def test_parallel_script_runs_one_process_per_model(tmp_path):
         assert refused.returncode == 2 and bad[0].split("=")[0] in refused.stderr
     refused = subprocess.run(["bash", script, "nope", str(out)], capture_output=True, text=True)
     assert refused.returncode == 2 and "mqar, lm, length" in refused.stderr
+    for bad in (["--lrs", "1e-3,3e-3"], ["--lrs", "1e-3", "--cells", ""]):  # --per-cell: one lr, given cells
+        refused = subprocess.run(["bash", script, "mqar", str(out), "--per-cell", "--cells", "32:2", *bad],
+                                 capture_output=True, text=True)  # fmt: skip
+        assert refused.returncode == 2 and "single --lrs" in refused.stderr
+
+    # --per-cell: one process per (architecture, cell), each given only its cell
+    per_cell = [*tiny, "--per-cell", "--cells", "32:2,64:2"]
+    out = tmp_path / "cells"
+    command = ["bash", script, "mqar", str(out), *per_cell]
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    names = sorted(p.name for p in out.glob("*.json"))
+    assert names == sorted(f"{a}_T{t}_K2_lr0.001_s0.json" for a in mqar.ARCHS for t in (32, 64))
+    logs = sorted(p.stem for p in (tmp_path / "cells-logs").glob("*.log"))
+    assert logs == sorted(f"{a}-{t}-2" for a in mqar.ARCHS for t in (32, 64))
