@@ -1,10 +1,12 @@
 """Turn the JSON results of mqar.py, lm.py and length.py into markdown tables and PNG plots.
 
 The tables replace what stands between the marker comments of docs/results.md
-(`<!-- BEGIN mqar -->` ... `<!-- END mqar -->`, and likewise `lm`, `length`, `cost`); an experiment without
-results keeps a "not yet run" line there. Plots go to docs/img/ (skipped, with a note, without matplotlib).
+(`<!-- BEGIN mqar -->` ... `<!-- END mqar -->`, and likewise `mqar-long`, `lm`, `length`, `cost`); an
+experiment without results keeps a "not yet run" line there. Plots go to docs/img/ (skipped, with a note,
+without matplotlib).
 
-    python experiments/summarize.py --mqar results/mqar --lm results/lm --length results/length
+    python experiments/summarize.py --mqar results/mqar --mqar-long results/mqar-6k --lm results/lm \
+        --length results/length
 """
 
 from __future__ import annotations
@@ -110,6 +112,34 @@ def mqar_section(results: list[dict], img: Path, plots: bool) -> str:
         axes[0][-1].legend(fontsize=8)
         text += figure_markdown(fig, img, "mqar.png", "MQAR accuracy")
     return text
+
+
+def mqar_long_section(results: list[dict], img: Path, plots: bool) -> str:
+    """A second MQAR grid under another schedule (one learning rate): accuracy and the steps each run took."""
+    archs = ordered([r["params"]["arch"] for r in results], MQAR_ORDER)
+    by_seed = sorted(results, key=lambda r: -r["params"]["seed"])  # the lowest seed wins
+    found = {(r["params"]["arch"], r["params"]["seq_len"], r["params"]["num_pairs"]): r for r in by_seed}
+    rows = []
+    for T, K in sorted({(T, K) for _, T, K in found}):
+        cells = []
+        for arch in archs:
+            r = found.get((arch, T, K))
+            if r is None:
+                cells.append("–")
+            elif r["status"] != "ok":
+                cells.append(r["status"])
+            else:
+                cells.append(f"{r['accuracy']:.3f} ({r['steps_run']} steps)")
+        rows.append([str(T), str(K), *cells])
+    p = results[0]["params"]
+    warmup = round(p.get("warmup", 0.1) * p["steps"])
+    lrs = ", ".join(f"{lr:g}" for lr in sorted({r["params"]["lr"] for r in results}))
+    seeds = len({r["params"]["seed"] for r in results})
+    return table(["seq len", "KV pairs", *archs], rows) + (
+        f"\n\nQuery accuracy on {p['test_examples']} test sequences, {seeds} seed(s) (the lowest shown),"
+        f" learning rate {lrs}, a schedule of {p['steps']} steps with {warmup} warm-up steps; a run stops"
+        f" early once its probe accuracy reaches {p['stop_at']} (the steps column)."
+    )
 
 
 def lm_section(results: list[dict], img: Path, plots: bool) -> str:
@@ -223,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--mqar", type=Path, help="output directory of mqar.py")
+    parser.add_argument("--mqar-long", type=Path, help="output directory of a second (long) MQAR grid")
     parser.add_argument("--lm", type=Path, help="output directory of lm.py")
     parser.add_argument("--length", type=Path, help="output directory of length.py")
     parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "results.md")
@@ -240,12 +271,19 @@ def main(argv: list[str] | None = None) -> int:
             plots = False
     img = args.doc.parent / "img"
     img.mkdir(parents=True, exist_ok=True)
-    results = {name: load(getattr(args, name)) for name in ("mqar", "lm", "length")}
-    builders = {"mqar": mqar_section, "lm": lm_section, "length": length_section}
+    names = ("mqar", "mqar-long", "lm", "length")
+    results = {name: load(getattr(args, name.replace("-", "_"))) for name in names}
+    builders = {
+        "mqar": mqar_section,
+        "mqar-long": mqar_long_section,
+        "lm": lm_section,
+        "length": length_section,
+    }
     doc = args.doc.read_text()
     for name, build in builders.items():
         body = build(results[name], img, plots) if results[name] else ""
-        doc = replace_section(doc, name, body or NOT_RUN.format(getattr(args, name) or f"--{name}"))
+        given = getattr(args, name.replace("-", "_"))
+        doc = replace_section(doc, name, body or NOT_RUN.format(given or f"--{name}"))
     doc = replace_section(doc, "cost", cost_section(results) or NOT_RUN.format("any results directory"))
     args.doc.write_text(doc)
     done = {name: len(r) for name, r in results.items()}

@@ -233,6 +233,15 @@ def test_mqar_script_end_to_end_and_resumes(tmp_path, capsys):
     mqar.main([*argv[2:], "--out", str(warm), "--archs", "attn", "--lrs", "1e-3", "--warmup", "0.5"])
     assert json.loads((warm / "attn_T32_K2_lr0.001_s0.json").read_text())["optim"]["warmup"] == 0.5
 
+    # both grids in the doc: the swept one as the MQAR table, the single-rate one as the long-schedule table
+    doc = tmp_path / "results.md"
+    doc.write_text((EXPERIMENTS.parent / "docs" / "results.md").read_text())
+    summarize.main(["--mqar", str(tmp_path), "--mqar-long", str(warm), "--doc", str(doc), "--no-plots"])
+    text = doc.read_text()
+    long_table = text.split("<!-- BEGIN mqar-long -->")[1].split("<!-- END mqar-long -->")[0]
+    assert "| 32 | 2 | " in long_table and " steps) |" in long_table and "with 1 warm-up steps" in long_table
+    assert "| 32 | 4 | " in text.split("<!-- BEGIN mqar -->")[1].split("<!-- END mqar -->")[0]
+
 
 def fake_sources(root: Path) -> tuple[Path, Path]:
     """A 66-book King James jsonl and a folder of Gutenberg texts, a few lines each."""
