@@ -196,3 +196,52 @@ def test_gate_is_computed_in_fp32(name, module, op, dtype, monkeypatch):
     expected = torch.sigmoid(pre.float() + m.gate_bias.float()).view(seen["g"].shape)
     assert seen["g"].dtype == torch.float32
     torch.testing.assert_close(seen["g"], expected, rtol=0, atol=1e-6)
+
+
+def test_add_projection_in_place_equals_the_plain_residual_and_falls_back_where_it_must():
+    from ratlm.mixers.residual import add_projection
+
+    torch.manual_seed(0)
+    proj = torch.nn.Linear(6, 4, bias=False)
+    x, y = torch.randn(2, 3, 4), torch.randn(2, 3, 6)
+    expected = x + proj(y).detach()
+    with torch.no_grad():
+        out = add_projection(x.clone(), y, proj)  # inplace off: a new tensor
+        mine = x.clone()
+        same = add_projection(mine, y, proj, inplace=True)
+    assert same is mine and out is not x
+    torch.testing.assert_close(same, expected)
+    torch.testing.assert_close(out, expected)
+    # autograd on, a bias, a strided x, another dtype, autocast: x + proj(y), x untouched
+    kept = x.clone()
+    assert add_projection(kept, y, proj, inplace=True) is not kept and torch.equal(kept, x)
+    biased = torch.nn.Linear(6, 4)
+    strided = torch.randn(2, 4, 3).transpose(1, 2)
+    with torch.no_grad():
+        for args in ((kept, y, biased), (strided, y, proj), (kept.double(), y, proj)):
+            before = args[0].clone()
+            assert add_projection(*args, inplace=True) is not args[0] and torch.equal(args[0], before)
+        with torch.autocast("cpu", torch.bfloat16):
+            assert add_projection(kept, y, proj, inplace=True) is not kept and torch.equal(kept, x)
+
+
+def test_cached_model_forward_adds_residuals_in_place_only_into_its_own_tensors():
+    from ratlm import LanguageModel, ModelConfig
+
+    cfg = ModelConfig(vocab_size=31, d_model=16, n_layers=2, n_heads=2, n_groups=1, d_ffn=32, context=16,
+                      layers="rat,attn", chunk_size=4)  # fmt: skip
+    model = LanguageModel(cfg).eval()
+    ids = torch.randint(0, 31, (2, 9))
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_cache(2, 9)
+        cached = torch.cat(
+            [model(ids[:, :5], cache), *(model(ids[:, t : t + 1], cache) for t in range(5, 9))], 1
+        )
+        torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-5)
+        # a block called on its own keeps its input unless told otherwise
+        x = torch.randn(2, 1, 16)
+        state = model.blocks[0].mixer.new_state(2, 8, "cpu", torch.float32)
+        before = x.clone()
+        model.blocks[0](x, state)
+        assert torch.equal(x, before)

@@ -29,8 +29,9 @@ class Block(nn.Module):
         self.mixer = make_mixer(name, cfg)
         self.ffn = FFN(cfg)
 
-    def forward(self, x: Tensor, state=None) -> Tensor:
-        return self.ffn(self.mixer(x, state))
+    def forward(self, x: Tensor, state=None, *, inplace: bool = False) -> Tensor:
+        """The mixer, then the FFN, each with its residual; inplace: x may be overwritten (cached use)."""
+        return self.ffn(self.mixer(x, state, inplace=inplace), inplace=inplace)
 
 
 class LanguageModel(nn.Module):
@@ -68,8 +69,10 @@ class LanguageModel(nn.Module):
         self._check_ids(input_ids, cache)
         x = self.embed(input_ids)
         states = [None] * len(self.blocks) if cache is None else cache.layers
+        # cached inference adds each residual into x by its GEMM (x is this call's own embedding output)
+        inplace = cache is not None and not torch.is_grad_enabled()
         for block, state in zip(self.blocks, states, strict=True):
-            x = block(x, state)
+            x = block(x, state, inplace=inplace)
         if last_only:
             x = x[:, -1:]
         return F.linear(self.norm(x), self.embed.weight)

@@ -338,13 +338,21 @@ def check_model(run: Run) -> None:
         run.line("check", case, f"{status} graph==eager {same}, vs full forward {max(errs):.1e}")
 
 
-def layer_case(run: Run, name: str, T: int, B: int, tiling=None, eager: bool = True) -> None:
+def layer_case(
+    run: Run, name: str, T: int, B: int, tiling=None, eager: bool = True, inplace: bool = True
+) -> None:
+    """One mixer layer's decode step (norm, projections, mixer, residual) at T cached tokens, batch B.
+
+    tiling: (BLOCK_N, num_warps) or (BLOCK_N, num_warps, splits) for the decode kernels instead of their
+    defaults. inplace: the residual added by the output projection's GEMM, as the model's cached forward
+    does (False: a GEMM and an add, as before that change).
+    """
     from ..ops.attention import decode_triton
 
     scale, dev = run.scale, run.scale.device
     cfg = scale.layer.replace(layers=name)
     extra = 1100  # positions the timed steps may use
-    case = f"{name} T{T} B{B}" + (f" tile{tiling}" if tiling else "")
+    case = f"{name} T{T} B{B}" + (f" tile{tiling}" if tiling else "") + ("" if inplace else " add")
     meta = make_mixer(name, cfg).new_state(B, T + extra, "meta", torch.bfloat16)
     need = state_nbytes(meta)
     free = free_bytes(dev) if scale.free is None else scale.free
@@ -362,21 +370,25 @@ def layer_case(run: Run, name: str, T: int, B: int, tiling=None, eager: bool = T
     x = torch.randn(B, 1, cfg.d_model, device=dev, dtype=torch.bfloat16)
     decode_triton.OVERRIDES.clear()
     if tiling:
-        decode_triton.OVERRIDES.update(block_n=tiling[0], num_warps=tiling[1])
+        decode_triton.OVERRIDES.update(zip(("block_n", "num_warps", "splits"), tiling, strict=False))
+
+    def one():
+        return mixer(x, state, inplace=inplace)
+
     try:
         with torch.no_grad():
-            warm_up(lambda: mixer(x, state))
-            eager_ms = timed(lambda: [mixer(x, state) for _ in range(8)]) / 8 * 1e3 if eager else None
+            warm_up(one)
+            eager_ms = timed(lambda: [one() for _ in range(8)]) / 8 * 1e3 if eager else None
             n = 8  # steps per replay: a graph of a few launches would time the host
             if dev == "cuda":
-                graph = graph_of(lambda: mixer(x, state), [state], n)
+                graph = graph_of(one, [state], n)
                 graph.replay()
                 step = graph.replay
             else:
 
                 def step():
                     for _ in range(n):
-                        mixer(x, state)
+                        one()
 
             once = timed(step)
             left = (extra - 20 - 2 * n) // n
@@ -391,6 +403,7 @@ def layer_case(run: Run, name: str, T: int, B: int, tiling=None, eager: bool = T
     moved = weights + B * H * slots * d * 2 * 2 + (B * D * 8 if name == "rnn" else 0)
     ref = REF_LAYER_MS.get((name, T, B))
     result = dict(mixer=name, T=T, batch=B, ms=ms, ms_rounds=times, eager_ms=eager_ms, tiling=tiling)
+    result.update(residual_inplace=inplace)
     result.update(bytes_moved=moved, gb_per_s=moved / ms / 1e6, ref_ms=ref, steps_timed=3 * reps * n)
     run.record("layer", case, status="ok", **result)
     text = f"{ms * 1e3:8.1f} us/step {moved / ms / 1e6:6.0f} GB/s"
@@ -426,7 +439,7 @@ def phase_latency(run: Run, models: list[str], budget_s: float) -> None:
         run.guarded("latency", name, latency_case, run, name)
 
 
-def latency_case(run: Run, name: str, compile: bool = False) -> None:
+def latency_case(run: Run, name: str, compile: bool = False, tag: str = "") -> None:
     scale, dev = run.scale, run.scale.device
     steps, P = scale.latency_steps, scale.prompt
     model = build(name, scale)
@@ -457,7 +470,7 @@ def latency_case(run: Run, name: str, compile: bool = False) -> None:
             full = model(seq)[0, P - 1 :].argmax(-1)
         agree = float((full == torch.cat(tokens)).float().mean())
     ref = REF_MS_PER_TOKEN.get(name)
-    case = name + (" compiled" if compile else "")
+    case = name + (" compiled" if compile else "") + tag
     result = dict(ms_per_token=ms, eager_ms_per_token=eager_ms, prefill_s=prefill_s, prompt=P)
     result.update(graph=dev == "cuda", compiled=compile, first_step_s=first_s, steps_timed=steps)
     result.update(greedy_agreement_with_full_forward=agree, ref_ms_per_token=ref)
@@ -654,7 +667,9 @@ def run_benchmark(args: argparse.Namespace) -> int:
 def summarise(run: Run) -> None:
     rows = [r for r in run.records if r.get("status") == "ok"]
     layer = {
-        (r["mixer"], r["T"], r["batch"]): r["ms"] for r in rows if r["phase"] == "layer" and not r["tiling"]
+        (r["mixer"], r["T"], r["batch"]): r["ms"]
+        for r in rows
+        if r["phase"] == "layer" and not r["tiling"] and r.get("residual_inplace", True)
     }
     tput = {r["case"]: r["tokens_per_s"] for r in rows if r["phase"] == "throughput"}
     lat = {r["case"]: r["ms_per_token"] for r in rows if r["phase"] == "latency"}

@@ -10,6 +10,7 @@ from ..config import ModelConfig
 from ..ops import apply_rope, attention, rope_cos_sin
 from ..ops.attention.decode import attention_decode
 from .norm import RMSNorm
+from .residual import add_projection
 
 
 class Attention(nn.Module):
@@ -23,7 +24,10 @@ class Attention(nn.Module):
         self.in_proj = nn.Linear(D, 3 * D, bias=False)  # x (values), q, k
         self.out_proj = nn.Linear(D, D, bias=False)
 
-    def forward(self, x: Tensor, state: KVState | WindowState | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, state: KVState | WindowState | None = None, *, inplace: bool = False
+    ) -> Tensor:
+        """x + the mixer's output; inplace: x may be overwritten with it (see `add_projection`)."""
         B, T, D = x.shape
         H, d = self.n_heads, self.head_dim
         u = self.in_proj(self.norm(x))
@@ -31,7 +35,7 @@ class Attention(nn.Module):
             # one token per sequence, its position read on the device: the path a CUDA graph captures
             v, q, k = (t.view(B, H, d) for t in u[:, 0].split(D, dim=-1))
             y = attention_decode(q, k, v, state, self.position, self.rope_base)
-            return x + self.out_proj(y.view(B, 1, D))
+            return add_projection(x, y.view(B, 1, D), self.out_proj, inplace)
         v, q, k = (t.view(B, T, H, d).transpose(1, 2) for t in u.split(D, dim=-1))
         n0 = 0 if state is None else state.seen
         if self.position == "rope":
@@ -48,7 +52,7 @@ class Attention(nn.Module):
             y = self._window_step(q, k, v, state)
         if state is not None:
             move_to(state, n0 + T)
-        return x + self.out_proj(y.transpose(1, 2).reshape(B, T, D))
+        return add_projection(x, y.transpose(1, 2).reshape(B, T, D), self.out_proj, inplace)
 
     def _window_step(self, q: Tensor, k: Tensor, v: Tensor, state: WindowState) -> Tensor:
         """Attend over the ring buffer's last W positions plus the new ones, then store the newest W+1."""

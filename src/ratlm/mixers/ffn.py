@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from .norm import RMSNorm
+from .residual import add_projection
 
 
 class FFN(nn.Module):
@@ -16,5 +17,6 @@ class FFN(nn.Module):
         self.fc1 = nn.Linear(cfg.d_model, cfg.d_ffn, bias=False)
         self.fc2 = nn.Linear(cfg.d_ffn, cfg.d_model, bias=False)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
+    def forward(self, x: Tensor, *, inplace: bool = False) -> Tensor:
+        """x + fc2(gelu(fc1(norm(x)))); inplace: x may be overwritten with it (see `add_projection`)."""
+        return add_projection(x, F.gelu(self.fc1(self.norm(x))), self.fc2, inplace)

@@ -12,6 +12,7 @@ from ..config import ModelConfig
 from ..ops import rat_mix, rat_mix_cached
 from ..ops.rat.decode import rat_decode
 from .norm import RMSNorm
+from .residual import add_projection
 
 
 class RAT(nn.Module):
@@ -36,12 +37,14 @@ class RAT(nn.Module):
         else:
             self.gate_bias.uniform_(1, max(L - 1, 1 + 1e-6)).log_()
 
-    def forward(self, x: Tensor, state: RATState | None = None) -> Tensor:
+    def forward(self, x: Tensor, state: RATState | None = None, *, inplace: bool = False) -> Tensor:
+        """x + the mixer's output; with a state, the tokens continue it. inplace: x may be overwritten
+        with the result (cached inference, see `add_projection`)."""
         B, T, D = x.shape
         d, G = self.head_dim, self.n_groups
         u = self.in_proj(self.norm(x))
         if state is not None and T == 1:
-            return self._step(x, u, state)
+            return self._step(x, u, state, inplace)
         z, v, g, q, k = (t.view(B, T, -1, d) for t in u.split([D, D, D, G * d, G * d], dim=-1))
         # the op applies both gates: sigmoid(g + gate_bias) in fp32 and the output gate sigmoid(z)
         args = (self.chunk_size, self.position, self.rope_base, d**-0.5)
@@ -50,9 +53,9 @@ class RAT(nn.Module):
             y = rat_mix(q, k, v, g, *args, **gates)
         else:
             y = rat_mix_cached(q, k, v, g, state, *args, **gates)
-        return x + self.out_proj(y.reshape(B, T, D))
+        return add_projection(x, y.reshape(B, T, D), self.out_proj, inplace)
 
-    def _step(self, x: Tensor, u: Tensor, state: RATState) -> Tensor:
+    def _step(self, x: Tensor, u: Tensor, state: RATState, inplace: bool) -> Tensor:
         """One token per sequence, its position read on the device: the path a CUDA graph captures."""
         B, D = x.shape[0], self.d_model
         H, d, G = self.n_heads, self.head_dim, self.n_groups
@@ -62,7 +65,7 @@ class RAT(nn.Module):
         y = rat_decode(
             q, k, v, g, self.gate_bias, z, state, self.chunk_size, self.position, self.rope_base, d**-0.5
         )
-        return x + self.out_proj(y.view(B, 1, D))  # y is already gated by sigmoid(z)
+        return add_projection(x, y.view(B, 1, D), self.out_proj, inplace)  # y is gated by sigmoid(z) already
 
     def new_state(self, batch_size: int, max_len: int, device, dtype, tables: dict | None = None) -> RATState:
         """Zeroed state for batch_size sequences of up to max_len tokens; `tables` shares RoPE tables."""

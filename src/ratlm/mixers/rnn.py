@@ -9,6 +9,7 @@ from ..cache import RNNState, advance, move_to
 from ..config import ModelConfig
 from ..ops import gated_scan
 from .norm import RMSNorm
+from .residual import add_projection
 
 
 class RNN(nn.Module):
@@ -26,7 +27,8 @@ class RNN(nn.Module):
         """Chrono init log U(1, T_train - 1): time scales up to the training context."""
         self.gate_bias.uniform_(1, max(self.context - 1, 1 + 1e-6)).log_()
 
-    def forward(self, x: Tensor, state: RNNState | None = None) -> Tensor:
+    def forward(self, x: Tensor, state: RNNState | None = None, *, inplace: bool = False) -> Tensor:
+        """x + the mixer's output; inplace: x may be overwritten with it (see `add_projection`)."""
         D, T = self.d_model, x.shape[1]
         z, v, g = self.in_proj(self.norm(x)).split(D, dim=-1)
         g = torch.sigmoid(g.float() + self.gate_bias.float())
@@ -40,7 +42,7 @@ class RNN(nn.Module):
             h = gated_scan(v, g, initial_state=state.state)
             state.state.copy_(h[:, -1])
             move_to(state, state.seen + T)
-        return x + self.out_proj(torch.sigmoid(z) * h.to(v.dtype))
+        return add_projection(x, torch.sigmoid(z) * h.to(v.dtype), self.out_proj, inplace)
 
     def new_state(self, batch_size: int, max_len: int, device, dtype, tables: dict | None = None) -> RNNState:
         """Zeroed fp32 state for batch_size sequences (the RNN's state does not grow with max_len)."""
