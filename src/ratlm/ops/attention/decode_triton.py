@@ -208,13 +208,14 @@ def plan_splits(
     device: torch.device,
     config: dict | None = None,
     block_n: int | None = None,
+    programs_per_sm: int = 4,
 ):
     """(splits, slots per split, BLOCK_N, num_warps) for B*H = bh queries over `num_slots` cache slots.
 
     Enough programs to fill the card: one per (sequence, head) when there are many, otherwise split the slots
-    (at least two tiles per split) until about four programs per multiprocessor. Tiles of 16 slots on two
-    warps keep a d=128 program near 100 registers (no spills with Triton 3.6 or 3.9), so many programs
-    share a multiprocessor and keep loads in flight. `config` overrides any of "splits", "block_n",
+    (at least two tiles per split) until about `programs_per_sm` programs per multiprocessor. Tiles of 16
+    slots on two warps keep a d=128 program near 100 registers (no spills with Triton 3.6 or 3.9), so many
+    programs share a multiprocessor and keep loads in flight. `config` overrides any of "splits", "block_n",
     "num_warps" (benchmarks use it to compare settings); `block_n` is the caller's default tile.
     """
     config = {**OVERRIDES, **(config or {})}
@@ -223,7 +224,7 @@ def plan_splits(
     splits = config.get("splits")
     if splits is None:
         sms = _sm_count(device)
-        want = 1 if bh >= 2 * sms else triton.cdiv(4 * sms, bh)
+        want = 1 if bh >= 2 * sms else triton.cdiv(programs_per_sm * sms, bh)
         splits = max(1, min(want, triton.cdiv(num_slots, 2 * block_n)))
     split_len = triton.cdiv(triton.cdiv(num_slots, splits), block_n) * block_n
     return triton.cdiv(num_slots, split_len), split_len, block_n, num_warps
