@@ -245,3 +245,33 @@ def test_cached_model_forward_adds_residuals_in_place_only_into_its_own_tensors(
         before = x.clone()
         model.blocks[0](x, state)
         assert torch.equal(x, before)
+
+    # a forward hook anywhere in the blocks (or a global one) sees separate tensors, as without a cache
+    def capture(seen):
+        return lambda module, args, out: seen.append((args[0].clone(), args[0], out.clone(), out))
+
+    for where in (model.blocks[1], model.blocks[0].mixer.norm, None):
+        seen = []
+        if where is None:
+            handle = torch.nn.modules.module.register_module_forward_hook(capture(seen))
+        else:
+            handle = where.register_forward_hook(capture(seen))
+        with torch.no_grad():
+            cache = model.new_cache(2, 9)
+            torch.testing.assert_close(model(ids, cache), full, rtol=1e-5, atol=1e-5)
+        handle.remove()
+        assert seen and all(torch.equal(a, a_now) and torch.equal(o, o_now) for a, a_now, o, o_now in seen)
+
+
+def test_add_projection_calls_a_wrapped_projection_instead_of_reading_its_weight():
+    from ratlm.mixers.residual import add_projection
+
+    class Scaled(torch.nn.Linear):  # computes more than y @ weight.T, like a LoRA layer
+        def forward(self, y):
+            return 2 * super().forward(y)
+
+    proj = Scaled(6, 4, bias=False)
+    x, y = torch.randn(3, 4), torch.randn(3, 6)
+    with torch.no_grad():
+        out = add_projection(x.clone(), y, proj, inplace=True)
+    torch.testing.assert_close(out, x + 2 * (y @ proj.weight.T).detach())

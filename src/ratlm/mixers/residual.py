@@ -13,12 +13,15 @@ def add_projection(x: Tensor, y: Tensor, proj: nn.Linear, inplace: bool = False)
     the product is accumulated into x's own memory (one GEMM with beta = 1) and x is returned: one kernel
     instead of a GEMM and an add, which matters when a decode step is a few hundred small kernels. The
     result is rounded once instead of twice. Falls back to x + proj(y) whenever that cannot be done exactly
-    in place: autograd on, autocast on, a bias, another dtype, or x not contiguous.
+    in place: autograd on, autocast on, a bias, another dtype, x not contiguous, or proj not a plain
+    nn.Linear (a wrapper such as a LoRA layer computes more than x @ weight.T, so it is called instead).
     """
+    device = x.device.type
     if (
         inplace
         and not torch.is_grad_enabled()
-        and not torch.is_autocast_enabled(x.device.type)
+        and not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device))
+        and type(proj) is nn.Linear
         and proj.bias is None
         and x.is_contiguous()
         and x.dtype == y.dtype == proj.weight.dtype
