@@ -7,8 +7,10 @@ ratlm APIs used are `LanguageModel`, `ModelConfig` and `model(input_ids) -> logi
 A sweep is a list of named configurations. Each finished configuration writes OUT/<name>.json, and a later
 invocation of the same command skips it, so a sweep too long for one GPU session is finished by running the
 same command again. Before starting a configuration the sweep checks that its estimated time still fits in
-`--max-minutes`; a configuration whose training alone outlives that limit is stopped and recorded with status
-"timeout" (so that a re-run does not retry it forever).
+`--max-minutes`. A configuration that runs out of time saves its training state (model, optimizer, step, log,
+data generator) to OUT/<name>.partial.pt and the next invocation continues it from there, so runs longer
+than one GPU call finish over several; the first configuration of an invocation is then always started, so
+every invocation makes progress.
 """
 
 from __future__ import annotations
@@ -50,7 +52,60 @@ STEP_OVERHEAD_S = 0.010  # per optimizer step or evaluation batch
 
 
 class Deadline(Exception):
-    """Raised inside a training loop when the configuration runs out of its time."""
+    """Raised inside a training loop when the configuration runs out of its time; `resumable` when its state
+    was saved for the next invocation."""
+
+    def __init__(self, message: str, resumable: bool = False):
+        super().__init__(message)
+        self.resumable = resumable
+
+
+@dataclass
+class Resume:
+    """Where `train` saves its state when time runs out (and resumes from), and the generator that draws its
+    batches (its state is saved too, so a resumed run continues the same data stream)."""
+
+    path: Path  # OUT/<name>.partial.pt; a sidecar OUT/<name>.partial.json says how far it got
+    rng: torch.Generator
+    params: dict | None = None  # the job's params, kept in the sidecar: a re-run with others refuses it
+
+    @property
+    def progress_path(self) -> Path:
+        return self.path.with_suffix(".json")
+
+    def save(self, model, optimizer, step: int, steps: int, log: list, seconds: float) -> None:
+        state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "log": log,
+                 "rng": self.rng.get_state(), "seconds": seconds}  # fmt: skip
+        tmp = self.path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.path)  # atomic: a crash while saving keeps the previous state
+        progress = {"step": step, "steps": steps, "seconds": seconds, "params": self.params}
+        write_json(self.progress_path, progress)
+
+    def load(self, model, optimizer) -> tuple[int, list, float]:
+        """(step, log, seconds) of the saved state, loaded into model, optimizer and rng."""
+        state = torch.load(self.path, map_location="cpu", weights_only=True)  # never runs pickled code
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        self.rng.set_state(state["rng"])
+        return state["step"], state["log"], state["seconds"]
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
+        self.progress_path.unlink(missing_ok=True)
+
+
+def partial_path(out: Path | str, job_name: str) -> Path:
+    return Path(out) / f"{job_name}.partial.pt"
+
+
+def saved_fraction(out: Path | str, job_name: str) -> float:
+    """The fraction of its steps a job has saved by an earlier invocation (0 if none)."""
+    progress = partial_path(out, job_name).with_suffix(".json")
+    if not progress.exists() or not partial_path(out, job_name).exists():
+        return 0.0
+    saved = json.loads(progress.read_text())
+    return min(1.0, saved["step"] / max(1, saved["steps"]))
 
 
 @dataclass
@@ -112,6 +167,7 @@ def train(
     on_log: Callable[[int], dict] | None = None,
     stop: Callable[[dict], bool] | None = None,
     loss_fn: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    resume: Resume | None = None,
 ) -> dict:
     """Train for cfg.steps steps on (input_ids, targets) batches; targets use IGNORE_INDEX for "no loss".
 
@@ -119,14 +175,21 @@ def train(
 
     on_log(step) may return extra numbers (e.g. a validation estimate) that go into that step's log record;
     stop(record) may end training early at a log step (the schedule is not stretched: it is cut).
-    Raises Deadline if time_limit_s passes before the last step.
+    Raises Deadline if time_limit_s passes before the last step (checked at log steps). With `resume`, the
+    state is saved then (Deadline.resumable) and a later call with the same arguments continues from it;
+    a finished run deletes it. The log's seconds and train_seconds count every call's training time.
     Returns {"log": [...], "steps": steps run, "train_seconds": ..., "final_train_loss": ...}.
     """
     model.train()
     optimizer = build_optimizer(model, cfg)
-    log, window = [], []
-    start = time.perf_counter()
-    for step in range(cfg.steps):
+    log, window, first, earlier_s = [], [], 0, 0.0
+    if resume is not None and resume.path.exists():
+        first, log, earlier_s = resume.load(model, optimizer)
+        print(f"  resuming at step {first} ({earlier_s:.0f} s of training so far) from {resume.path}")
+    began = time.perf_counter()
+    start = began - earlier_s
+    step = first - 1
+    for step in range(first, cfg.steps):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
         x, y = next(batches)
@@ -155,13 +218,23 @@ def train(
             log.append(record)
             shown = "  ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "step")
             print(f"  step {step + 1:>6}  {shown}")
-            if time_limit_s is not None and time.perf_counter() - start > time_limit_s:
-                raise Deadline(f"training passed its {time_limit_s:.0f} s limit at step {step + 1}")
             if stop is not None and stop(record):
                 break
+            if (
+                time_limit_s is not None
+                and time.perf_counter() - began > time_limit_s
+                and step + 1 < cfg.steps
+            ):
+                message = f"training passed its {time_limit_s:.0f} s limit at step {step + 1}"
+                if resume is None:
+                    raise Deadline(message)
+                resume.save(model, optimizer, step + 1, cfg.steps, log, time.perf_counter() - start)
+                raise Deadline(f"{message}; saved to {resume.path}", resumable=True)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
+    if resume is not None:
+        resume.clear()
     return {"log": log, "steps": step + 1, "train_seconds": seconds, "final_train_loss": log[-1]["loss"]}
 
 
@@ -246,6 +319,7 @@ class Job:
     params: dict  # everything that defines the run (stored in the result)
     estimate_s: float  # planning estimate of its GPU time, every one of params["steps"] steps run
     step_s: float = 0.0  # the part of the estimate per training step, for runs that stop early (0: unknown)
+    resumable: bool = False  # run_one saves its training state when out of time (see `Resume`)
 
 
 def measured_ratio(job: Job, result: dict) -> float:
@@ -314,10 +388,20 @@ def same_params(path: Path, job: Job) -> bool:
     return json.loads(path.read_text()).get("params") == json.loads(json.dumps(job.params))
 
 
+def same_partial_params(out: Path, job: Job) -> bool:
+    """False when a saved training state of this job's name was made with other params."""
+    progress = partial_path(out, job.name).with_suffix(".json")
+    if not progress.exists():
+        return True
+    return same_params(progress, job)
+
+
 def run_sweep(jobs: list[Job], run_one: Callable[[Job, float], dict], args: argparse.Namespace) -> int:
     """Run every job whose result does not exist yet, within args.max_minutes; returns how many remain.
 
-    run_one(job, time_limit_s) trains and evaluates one configuration and returns its result dict.
+    run_one(job, time_limit_s) trains and evaluates one configuration and returns its result dict; it may
+    pass `Resume(partial_path(args.out, job.name), generator, job.params)` to `train`, so that a job that
+    runs out of time is continued by the next invocation.
     """
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -326,29 +410,41 @@ def run_sweep(jobs: list[Job], run_one: Callable[[Job, float], dict], args: argp
     if stale:
         sys.exit(f"{out} holds results of other settings under the same names ({', '.join(stale[:3])}, ...): "
                  "use another --out, or delete them")  # fmt: skip
-    total_min = sum(job.estimate_s for job in todo) / 60
+    stale = [job.name for job in todo if not same_partial_params(out, job)]
+    if stale:
+        sys.exit(
+            f"{out} holds saved training states of other settings under the same names "
+            f"({', '.join(stale[:3])}): use another --out, or delete their .partial.* files"
+        )
+    left = {job.name: job.estimate_s * (1 - saved_fraction(out, job.name)) for job in todo}
+    total_min = sum(left.values()) / 60
     print(
         f"{len(jobs)} configurations, {len(jobs) - len(todo)} already done, {len(todo)} to run "
         f"(planning estimate {total_min:.1f} H200 minutes)"
     )
     if args.plan:
         for job in todo:
-            print(f"  {job.name:<40} ~{job.estimate_s / 60:5.1f} min")
+            done = saved_fraction(out, job.name)
+            resumes = f" (resumes at {done:.0%})" if done else ""
+            print(f"  {job.name:<40} ~{left[job.name] / 60:5.1f} min{resumes}")
         return len(todo)
     budget_s = args.max_minutes * 60
     start = time.perf_counter()
     scale = 1.0  # worst measured / planned time (for the steps run) so far: later estimates are scaled by it
     for i, job in enumerate(todo):
         elapsed = time.perf_counter() - start
-        if elapsed + job.estimate_s * scale > budget_s:
+        left_s = job.estimate_s * scale * (1 - saved_fraction(out, job.name))
+        # a resumable first job is started whatever its estimate: it saves what it gets done
+        if elapsed + left_s > budget_s and not (i == 0 and job.resumable):
             print(f"INCOMPLETE: {len(todo) - i} configurations left; re-run the same command to continue")
             return len(todo) - i
-        print(f"[{i + 1}/{len(todo)}] {job.name} (estimate {job.estimate_s * scale / 60:.1f} min)")
+        print(f"[{i + 1}/{len(todo)}] {job.name} (estimate {left_s / 60:.1f} min)")
         began = time.perf_counter()
         try:
-            result = {"status": "ok", **run_one(job, budget_s - elapsed)}
+            result = {"status": "ok", **run_one(job, max(0.0, budget_s - elapsed))}
         except Deadline as stop:
-            if elapsed > 0.05 * budget_s:  # it did not have the whole budget: a fresh invocation may fit it
+            # saved, or it did not have the whole budget: a fresh invocation continues or may fit it
+            if stop.resumable or elapsed > 0.05 * budget_s:
                 print(f"INCOMPLETE: {stop}; re-run the same command to continue")
                 return len(todo) - i
             print(f"  timeout: {stop}")

@@ -54,7 +54,7 @@ def make_jobs(args: argparse.Namespace) -> list[Job]:
             params = {"model": name, "seed": seed, "steps": args.steps, "batch_size": args.batch_size,
                       "seq_len": args.seq_len, "lr": args.lr, "eval_multiples": args.eval_multiples,
                       **model_size(args)}  # fmt: skip
-            jobs.append(Job(f"{name}_N{args.seq_len}_s{seed}", params, estimate))
+            jobs.append(Job(f"{name}_N{args.seq_len}_s{seed}", params, estimate, resumable=True))
     return jobs
 
 
@@ -62,7 +62,7 @@ def run_job(job: Job, time_limit_s: float, args: argparse.Namespace, data: Token
     p = job.params
     device = data.train.device
     cfg = config_for(p["model"], args, data.vocab_size)
-    model, trained = train_model(cfg, data, p, args, device, time_limit_s)
+    model, trained = train_model(cfg, data, p, args, device, time_limit_s, resume_as=job.name)
     begin = time.perf_counter()
     by_length = {}
     for multiple in p["eval_multiples"]:

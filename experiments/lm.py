@@ -31,6 +31,7 @@ from harness import (
     LanguageModel,
     ModelConfig,
     OptimConfig,
+    Resume,
     autocast,
     config_dict,
     count_params,
@@ -40,6 +41,7 @@ from harness import (
     match_ffn,
     model_size,
     names_of,
+    partial_path,
     resolve_device,
     run_sweep,
     sweep_parser,
@@ -96,8 +98,10 @@ def windows(tokens: torch.Tensor, starts: torch.Tensor, seq_len: int, eos_id: in
     return x, y
 
 
-def random_batches(data: TokenData, batch_size: int, seq_len: int, seed: int):
-    gen = torch.Generator(device=data.train.device).manual_seed(seed)
+def random_batches(data: TokenData, batch_size: int, seq_len: int, seed: int | torch.Generator):
+    """Random training windows forever; `seed` may be the generator itself (a resumed run restores it)."""
+    device = data.train.device
+    gen = seed if isinstance(seed, torch.Generator) else torch.Generator(device=device).manual_seed(seed)
     high = data.train.numel() - seq_len  # exclusive: the last window ends on the last token
     if high < 1:
         raise ValueError(f"--seq-len {seq_len} needs more than the {data.train.numel()} training tokens")
@@ -178,16 +182,21 @@ def make_jobs(args: argparse.Namespace) -> list[Job]:
         for seed in args.seeds:
             params = {"arch": arch, "seed": seed, "steps": args.steps, "batch_size": args.batch_size,
                       "seq_len": args.seq_len, "lr": args.lr, **model_size(args)}  # fmt: skip
-            jobs.append(Job(f"{arch}_s{seed}", params, estimate))
+            jobs.append(Job(f"{arch}_s{seed}", params, estimate, resumable=True))
     return jobs
 
 
-def train_model(cfg: ModelConfig, data: TokenData, p: dict, args, device, time_limit_s) -> tuple:
-    """Train one model as lm.py and length.py both do; returns (model, training record)."""
+def train_model(
+    cfg: ModelConfig, data: TokenData, p: dict, args, device, time_limit_s, resume_as: str | None = None
+) -> tuple:
+    """Train one model as lm.py and length.py both do; returns (model, training record). resume_as: the
+    job's name, to save the training state in args.out when time runs out and continue it next time."""
     torch.manual_seed(p["seed"])
     model = LanguageModel(cfg).to(device)
     optim = OptimConfig(steps=p["steps"], lr=p["lr"], warmup=0.05, weight_decay=0.1)
-    batches = random_batches(data, p["batch_size"], p["seq_len"], p["seed"])
+    gen = torch.Generator(device=data.train.device).manual_seed(p["seed"])
+    batches = random_batches(data, p["batch_size"], p["seq_len"], gen)
+    resume = None if resume_as is None else Resume(partial_path(args.out, resume_as), gen, p)
 
     def probe(step: int) -> dict:
         if step % args.eval_every and step != p["steps"]:
@@ -195,7 +204,7 @@ def train_model(cfg: ModelConfig, data: TokenData, p: dict, args, device, time_l
         quick = evaluate(model, data.valid, p["seq_len"], 16, data.eos_id, max_windows=64)
         return {"val_loss_estimate": quick["loss"]}
 
-    trained = train(model, batches, optim, device, time_limit_s, args.log_every, on_log=probe)
+    trained = train(model, batches, optim, device, time_limit_s, args.log_every, on_log=probe, resume=resume)
     trained["optim"] = vars(optim)
     return model, trained
 
@@ -204,7 +213,7 @@ def run_job(job: Job, time_limit_s: float, args: argparse.Namespace, data: Token
     p = job.params
     device = data.train.device
     cfg = model_config(p["arch"], args, data.vocab_size)
-    model, trained = train_model(cfg, data, p, args, device, time_limit_s)
+    model, trained = train_model(cfg, data, p, args, device, time_limit_s, resume_as=job.name)
     begin = time.perf_counter()
     result = evaluate(model, data.valid, p["seq_len"], 16, data.eos_id)
     loss = result["loss"]

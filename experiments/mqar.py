@@ -42,6 +42,7 @@ from harness import (
     LanguageModel,
     ModelConfig,
     OptimConfig,
+    Resume,
     autocast,
     config_dict,
     environment,
@@ -49,6 +50,7 @@ from harness import (
     float_list,
     int_list,
     model_size,
+    partial_path,
     resolve_device,
     run_sweep,
     str_list,
@@ -196,9 +198,10 @@ def sample_batch(task: MQARTask, batch_size: int, gen: torch.Generator, device: 
     return Batch(inputs, targets, query_pos, values, query_pos - key_pos)
 
 
-def batches(task: MQARTask, batch_size: int, seed: int, device: torch.device):
-    """Fresh examples forever, as (inputs, (query_pos, values)): what query_loss takes."""
-    gen = torch.Generator(device=device).manual_seed(seed)
+def batches(task: MQARTask, batch_size: int, seed: int | torch.Generator, device: torch.device):
+    """Fresh examples forever, as (inputs, (query_pos, values)): what query_loss takes. `seed` may be the
+    generator itself (on `device`), whose state a resumed run restores."""
+    gen = seed if isinstance(seed, torch.Generator) else torch.Generator(device=device).manual_seed(seed)
     while True:
         batch = sample_batch(task, batch_size, gen, device)
         yield batch.inputs, (batch.query_pos, batch.values)
@@ -325,7 +328,7 @@ def make_jobs(args: argparse.Namespace) -> list[Job]:
                     if lr == BEST_LR:
                         params["lr_sweep"] = {"seq_len": sweep_cell[0], "num_pairs": sweep_cell[1],
                                               "lrs": args.lrs}  # fmt: skip
-                    jobs.append(Job(job_name(arch, seq_len, pairs, lr, seed), params, estimate, step_s))
+                    jobs.append(Job(job_name(arch, seq_len, pairs, lr, seed), params, estimate, step_s, True))
     return jobs
 
 
@@ -364,7 +367,8 @@ def run_job(job: Job, time_limit_s: float, args: argparse.Namespace) -> dict:
     if sweep_scores is not None:
         print(f"  learning rate {lr:g}, the sweep's best (test accuracy by lr: {sweep_scores})")
     optim = OptimConfig(steps=p["steps"], lr=lr, warmup=p.get("warmup", DEFAULT_WARMUP), weight_decay=0.1)
-    data = batches(task, p["batch_size"], p["seed"], device)
+    gen = torch.Generator(device=device).manual_seed(p["seed"])
+    data = batches(task, p["batch_size"], gen, device)
     # evaluation in batches of the training shape: FlexAttention (RAT-SWA's window) is compiled per shape
     eval_batch = p["batch_size"]
     begin = time.perf_counter()
@@ -376,7 +380,8 @@ def run_job(job: Job, time_limit_s: float, args: argparse.Namespace) -> dict:
     def solved(record: dict) -> bool:
         return record["probe_accuracy"] >= args.stop_at
 
-    logged = dict(on_log=probe, stop=solved, loss_fn=query_loss)
+    resume = Resume(partial_path(args.out, job.name), gen, p)  # continued by the next invocation
+    logged = dict(on_log=probe, stop=solved, loss_fn=query_loss, resume=resume)
     trained = train(model, data, optim, device, time_limit_s, args.log_every, **logged)
     result = evaluate(model, task, p["test_examples"], eval_batch, p["test_seed"], device)
     print(f"  accuracy {result['accuracy']:.4f} on {result['queries']} queries")

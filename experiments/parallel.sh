@@ -7,9 +7,10 @@
 # The models of these sweeps are small (0.8-25M parameters), so one process leaves most of an H200 idle
 # between its kernel launches; several processes fill those gaps. Every run is seeded, so what a finished
 # run computes does not depend on it, but the wall times each JSON records are shared-GPU times, and a run is
-# slower side by side: its --max-minutes guard (each process keeps its own) or the memory may stop it where
-# it would have finished alone, and such a run is recorded as "timeout" or "error" (delete the file to
-# retry). Logs go to OUT-logs/<name>.log. Prints DONE when every process printed DONE, otherwise INCOMPLETE
+# slower side by side: its --max-minutes guard (each process keeps its own) may stop it where it would have
+# finished alone. Such a run saves its training state (OUT/<name>.partial.pt) and the next invocation
+# continues it; a run out of memory is recorded as "error" (delete the file to retry). More than about five
+# processes do not add throughput on an H200. Logs go to OUT-logs/<name>.log. Prints DONE when every process printed DONE, otherwise INCOMPLETE
 # (re-run the same command to continue: finished configurations are skipped). With --plan each process lists
 # what it would run. PYTHON names the interpreter (default: python). With --per-cell (mqar only, with --cells
 # and a single --lrs value, so that no cell waits on a learning-rate sweep) each architecture runs one process

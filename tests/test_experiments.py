@@ -243,6 +243,31 @@ def test_mqar_script_end_to_end_and_resumes(tmp_path, capsys):
     assert "| 32 | 4 | " in text.split("<!-- BEGIN mqar -->")[1].split("<!-- END mqar -->")[0]
 
 
+def test_a_run_out_of_time_saves_its_state_and_the_next_invocation_continues_it_exactly(tmp_path, capsys):
+    argv = ["--device", "cpu", "--archs", "rat-l16", "--cells", "32:2", "--vocab", "64", "--d-model", "16",
+            "--n-layers", "1", "--steps", "6", "--min-batch", "2", "--tokens-per-step", "64",
+            "--test-examples", "4", "--log-every", "2", "--lrs", "1e-3", "--stop-at", "1.01"]  # fmt: skip
+    whole, pieces = tmp_path / "whole", tmp_path / "pieces"
+    assert mqar.main([*argv, "--out", str(whole)]) == 0
+    name = "rat-l16_T32_K2_lr0.001_s0"
+    # no time at all: the run stops at its first log step (2 of 6) and saves its state
+    mqar.main([*argv, "--out", str(pieces), "--max-minutes", "0"])
+    assert "INCOMPLETE" in capsys.readouterr().out and not (pieces / f"{name}.json").exists()
+    assert json.loads((pieces / f"{name}.partial.json").read_text())["step"] == 2
+    mqar.main([*argv, "--out", str(pieces), "--plan"])
+    assert "resumes at 33%" in capsys.readouterr().out
+    mqar.main([*argv, "--out", str(pieces)])
+    assert "resuming at step 2" in capsys.readouterr().out
+    done, ref = (json.loads((d / f"{name}.json").read_text()) for d in (pieces, whole))
+    assert [r["loss"] for r in done["log"]] == [r["loss"] for r in ref["log"]]  # same batches, same updates
+    assert done["accuracy"] == ref["accuracy"] and done["steps_run"] == 6
+    assert not list(pieces.glob("*.partial.*"))  # a finished run removes its saved state
+    # a saved state of other settings under the same name is refused, not resumed
+    mqar.main([*argv, "--out", str(tmp_path / "other"), "--max-minutes", "0"])
+    with pytest.raises(SystemExit, match="saved training states of other settings"):
+        mqar.main([*argv, "--out", str(tmp_path / "other"), "--steps", "8"])
+
+
 def fake_sources(root: Path) -> tuple[Path, Path]:
     """A 66-book King James jsonl and a folder of Gutenberg texts, a few lines each."""
     books = [*prepare_corpus.KJV_VALIDATION, *(f"Book {i}" for i in range(62))]
@@ -277,6 +302,26 @@ def test_corpus_lm_length_and_summary_end_to_end(tmp_path):
     assert sorted(r["params"]["arch"] for r in results) == sorted(lm.ARCHS)
     for r in results:
         assert r["status"] == "ok" and 0 < r["val_bits_per_byte"] < 12 and r["val_perplexity"] > 1
+    # out of time after its first log step, then continued: the same run as in one go
+    pieces = tmp_path / "lm-pieces"
+    one = [
+        "--out",
+        str(pieces),
+        "--data",
+        str(data),
+        "--seeds",
+        "0",
+        "--seq-len",
+        "32",
+        *TINY_LM,
+        "--archs",
+        "rnn",
+    ]
+    lm.main([*one, "--max-minutes", "0"])
+    assert (pieces / "rnn_s0.partial.pt").exists() and not (pieces / "rnn_s0.json").exists()
+    lm.main(one)
+    resumed, whole = (json.loads((d / "rnn_s0.json").read_text()) for d in (pieces, lm_out))
+    assert [r["loss"] for r in resumed["log"]] == [r["loss"] for r in whole["log"]]
     length_args = [
         "--out",
         str(length_out),
