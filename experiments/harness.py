@@ -63,49 +63,75 @@ class Deadline(Exception):
 @dataclass
 class Resume:
     """Where `train` saves its state when time runs out (and resumes from), and the generator that draws its
-    batches (its state is saved too, so a resumed run continues the same data stream)."""
+    batches (its state is saved too, so a resumed run continues the same data stream).
 
-    path: Path  # OUT/<name>.partial.pt; a sidecar OUT/<name>.partial.json says how far it got
+    The state (OUT/<name>.partial.pt) holds the model, optimizer, step, log, generator state, training
+    seconds, the job's params and the log interval; a resumed run with other params, another log interval
+    or a generator on another kind of device is refused. A sidecar (OUT/<name>.partial.info, JSON) tells the
+    sweep how far the run got without loading the state. The sweep deletes both once the job's result is
+    written.
+    """
+
+    path: Path  # OUT/<name>.partial.pt
     rng: torch.Generator
-    params: dict | None = None  # the job's params, kept in the sidecar: a re-run with others refuses it
+    params: dict | None = None  # the job's params
 
-    @property
-    def progress_path(self) -> Path:
-        return self.path.with_suffix(".json")
-
-    def save(self, model, optimizer, step: int, steps: int, log: list, seconds: float) -> None:
+    def save(
+        self, model, optimizer, step: int, steps: int, log: list, seconds: float, log_every: int
+    ) -> None:
+        params = json.loads(json.dumps(self.params))  # plain types: loadable with weights_only
         state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "log": log,
-                 "rng": self.rng.get_state(), "seconds": seconds}  # fmt: skip
+                 "rng": self.rng.get_state(), "rng_device": self.rng.device.type, "seconds": seconds,
+                 "params": params, "log_every": log_every}  # fmt: skip
         tmp = self.path.with_suffix(".tmp")
         torch.save(state, tmp)
         os.replace(tmp, self.path)  # atomic: a crash while saving keeps the previous state
-        progress = {"step": step, "steps": steps, "seconds": seconds, "params": self.params}
-        write_json(self.progress_path, progress)
+        info = {"step": step, "steps": steps, "seconds": seconds, "params": params}
+        write_json(info_path(self.path), info)  # only for planning: a stale or missing one is harmless
 
-    def load(self, model, optimizer) -> tuple[int, list, float]:
+    def load(self, model, optimizer, log_every: int) -> tuple[int, list, float]:
         """(step, log, seconds) of the saved state, loaded into model, optimizer and rng."""
         state = torch.load(self.path, map_location="cpu", weights_only=True)  # never runs pickled code
+        saved = (state["params"], state["log_every"], state["rng_device"])
+        wanted = (json.loads(json.dumps(self.params)), log_every, self.rng.device.type)
+        for what, had, want in zip(("params", "log interval", "device type"), saved, wanted, strict=True):
+            if had != want:
+                raise SystemExit(
+                    f"{self.path} was saved with {what} {had}, not {want}: run with the same settings, or "
+                    "delete it (and its .partial.info) to start the run again"
+                )
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         self.rng.set_state(state["rng"])
         return state["step"], state["log"], state["seconds"]
-
-    def clear(self) -> None:
-        self.path.unlink(missing_ok=True)
-        self.progress_path.unlink(missing_ok=True)
 
 
 def partial_path(out: Path | str, job_name: str) -> Path:
     return Path(out) / f"{job_name}.partial.pt"
 
 
+def info_path(partial: Path) -> Path:
+    return partial.with_suffix(".info")
+
+
+def saved_progress(out: Path | str, job_name: str) -> dict | None:
+    """The sidecar of a job's saved state ({"step", "steps", "seconds", "params"}), or None."""
+    partial = partial_path(out, job_name)
+    if not partial.exists() or not info_path(partial).exists():
+        return None
+    return json.loads(info_path(partial).read_text())
+
+
+def clear_partial(out: Path | str, job_name: str) -> None:
+    partial = partial_path(out, job_name)
+    partial.unlink(missing_ok=True)
+    info_path(partial).unlink(missing_ok=True)
+
+
 def saved_fraction(out: Path | str, job_name: str) -> float:
     """The fraction of its steps a job has saved by an earlier invocation (0 if none)."""
-    progress = partial_path(out, job_name).with_suffix(".json")
-    if not progress.exists() or not partial_path(out, job_name).exists():
-        return 0.0
-    saved = json.loads(progress.read_text())
-    return min(1.0, saved["step"] / max(1, saved["steps"]))
+    saved = saved_progress(out, job_name)
+    return 0.0 if saved is None else min(1.0, saved["step"] / max(1, saved["steps"]))
 
 
 @dataclass
@@ -177,14 +203,15 @@ def train(
     stop(record) may end training early at a log step (the schedule is not stretched: it is cut).
     Raises Deadline if time_limit_s passes before the last step (checked at log steps). With `resume`, the
     state is saved then (Deadline.resumable) and a later call with the same arguments continues from it;
-    a finished run deletes it. The log's seconds and train_seconds count every call's training time.
+    the sweep deletes it once the job's result is written. The log's seconds and train_seconds count every
+    call's training time.
     Returns {"log": [...], "steps": steps run, "train_seconds": ..., "final_train_loss": ...}.
     """
     model.train()
     optimizer = build_optimizer(model, cfg)
     log, window, first, earlier_s = [], [], 0, 0.0
     if resume is not None and resume.path.exists():
-        first, log, earlier_s = resume.load(model, optimizer)
+        first, log, earlier_s = resume.load(model, optimizer, log_every)
         print(f"  resuming at step {first} ({earlier_s:.0f} s of training so far) from {resume.path}")
     began = time.perf_counter()
     start = began - earlier_s
@@ -228,13 +255,13 @@ def train(
                 message = f"training passed its {time_limit_s:.0f} s limit at step {step + 1}"
                 if resume is None:
                     raise Deadline(message)
-                resume.save(model, optimizer, step + 1, cfg.steps, log, time.perf_counter() - start)
+                resume.save(
+                    model, optimizer, step + 1, cfg.steps, log, time.perf_counter() - start, log_every
+                )
                 raise Deadline(f"{message}; saved to {resume.path}", resumable=True)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    if resume is not None:
-        resume.clear()
     return {"log": log, "steps": step + 1, "train_seconds": seconds, "final_train_loss": log[-1]["loss"]}
 
 
@@ -390,10 +417,8 @@ def same_params(path: Path, job: Job) -> bool:
 
 def same_partial_params(out: Path, job: Job) -> bool:
     """False when a saved training state of this job's name was made with other params."""
-    progress = partial_path(out, job.name).with_suffix(".json")
-    if not progress.exists():
-        return True
-    return same_params(progress, job)
+    saved = saved_progress(out, job.name)
+    return saved is None or saved["params"] == json.loads(json.dumps(job.params))
 
 
 def run_sweep(jobs: list[Job], run_one: Callable[[Job, float], dict], args: argparse.Namespace) -> int:
@@ -439,6 +464,8 @@ def run_sweep(jobs: list[Job], run_one: Callable[[Job, float], dict], args: argp
             print(f"INCOMPLETE: {len(todo) - i} configurations left; re-run the same command to continue")
             return len(todo) - i
         print(f"[{i + 1}/{len(todo)}] {job.name} (estimate {left_s / 60:.1f} min)")
+        saved = saved_progress(out, job.name)
+        earlier_s = 0.0 if saved is None else saved["seconds"]  # training time of earlier invocations
         began = time.perf_counter()
         try:
             result = {"status": "ok", **run_one(job, max(0.0, budget_s - elapsed))}
@@ -456,10 +483,12 @@ def run_sweep(jobs: list[Job], run_one: Callable[[Job, float], dict], args: argp
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         result = {"name": job.name, "params": job.params, **result}
-        result["wall_seconds"] = time.perf_counter() - began
+        # this invocation's time, plus the training time of earlier invocations of a resumed job
+        result["wall_seconds"] = time.perf_counter() - began + earlier_s
         result["estimate_seconds"] = job.estimate_s
         result["estimate_seconds_for_steps_run"] = planned_seconds(job, result)
         write_json(out / f"{job.name}.json", result)
+        clear_partial(out, job.name)  # only now: a crash before the result is written keeps the saved state
         if result["status"] == "ok":
             scale = max(scale, measured_ratio(job, result))
     print("DONE: every configuration has a result")

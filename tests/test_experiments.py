@@ -253,19 +253,28 @@ def test_a_run_out_of_time_saves_its_state_and_the_next_invocation_continues_it_
     # no time at all: the run stops at its first log step (2 of 6) and saves its state
     mqar.main([*argv, "--out", str(pieces), "--max-minutes", "0"])
     assert "INCOMPLETE" in capsys.readouterr().out and not (pieces / f"{name}.json").exists()
-    assert json.loads((pieces / f"{name}.partial.json").read_text())["step"] == 2
+    assert json.loads((pieces / f"{name}.partial.info").read_text())["step"] == 2
     mqar.main([*argv, "--out", str(pieces), "--plan"])
     assert "resumes at 33%" in capsys.readouterr().out
+    summarize.load(pieces)  # a saved state is not mistaken for a result
     mqar.main([*argv, "--out", str(pieces)])
     assert "resuming at step 2" in capsys.readouterr().out
     done, ref = (json.loads((d / f"{name}.json").read_text()) for d in (pieces, whole))
     assert [r["loss"] for r in done["log"]] == [r["loss"] for r in ref["log"]]  # same batches, same updates
     assert done["accuracy"] == ref["accuracy"] and done["steps_run"] == 6
-    assert not list(pieces.glob("*.partial.*"))  # a finished run removes its saved state
-    # a saved state of other settings under the same name is refused, not resumed
-    mqar.main([*argv, "--out", str(tmp_path / "other"), "--max-minutes", "0"])
+    assert 0 <= done["eval_seconds"] < done["wall_seconds"] and done["wall_seconds"] >= done["train_seconds"]
+    assert not list(pieces.glob("*.partial.*"))  # removed once the result is written
+    # a saved state of other settings under the same name is refused, not resumed: through its sidecar,
+    # and without one (a crash between the two writes) by the params inside the state itself
+    other = tmp_path / "other"
+    mqar.main([*argv, "--out", str(other), "--max-minutes", "0"])
     with pytest.raises(SystemExit, match="saved training states of other settings"):
-        mqar.main([*argv, "--out", str(tmp_path / "other"), "--steps", "8"])
+        mqar.main([*argv, "--out", str(other), "--steps", "8"])
+    (other / f"{name}.partial.info").unlink()
+    with pytest.raises(SystemExit, match="saved with params"):
+        mqar.main([*argv, "--out", str(other), "--steps", "8"])
+    with pytest.raises(SystemExit, match="saved with log interval 2, not 3"):
+        mqar.main([*argv, "--out", str(other), "--log-every", "3"])
 
 
 def fake_sources(root: Path) -> tuple[Path, Path]:
