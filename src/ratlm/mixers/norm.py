@@ -8,6 +8,12 @@ from torch import Tensor, nn
 from ..ops.norm import rms_norm
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast computes matmuls in on this kind of device, or None when autocast is off there."""
+    on = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    return torch.get_autocast_dtype(device_type) if on else None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -16,7 +22,4 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # under autocast the next op is a matmul in the autocast dtype: round to it once, here
-        kind = x.device.type
-        autocast = torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
-        out_dtype = torch.get_autocast_dtype(kind) if autocast else x.dtype
-        return rms_norm(x, self.weight, self.eps, out_dtype)
+        return rms_norm(x, self.weight, self.eps, autocast_dtype(x.device.type) or x.dtype)

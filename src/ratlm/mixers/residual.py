@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .norm import autocast_dtype
+
 
 def add_projection(x: Tensor, y: Tensor, proj: nn.Linear, inplace: bool = False) -> Tensor:
     """x + proj(y) for x [..., D] and y [..., D_in] with the same leading shape.
@@ -16,11 +18,10 @@ def add_projection(x: Tensor, y: Tensor, proj: nn.Linear, inplace: bool = False)
     in place: autograd on, autocast on, a bias, another dtype, x not contiguous, or proj not a plain
     nn.Linear (a wrapper such as a LoRA layer computes more than x @ weight.T, so it is called instead).
     """
-    device = x.device.type
     if (
         inplace
         and not torch.is_grad_enabled()
-        and not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device))
+        and autocast_dtype(x.device.type) is None
         and type(proj) is nn.Linear
         and proj.bias is None
         and x.is_contiguous()
