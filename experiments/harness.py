@@ -79,7 +79,7 @@ class Resume:
     def save(
         self, model, optimizer, step: int, steps: int, log: list, seconds: float, log_every: int
     ) -> None:
-        params = json.loads(json.dumps(self.params))  # plain types: loadable with weights_only
+        params = plain(self.params)  # loadable with weights_only
         state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "log": log,
                  "rng": self.rng.get_state(), "rng_device": self.rng.device.type, "seconds": seconds,
                  "params": params, "log_every": log_every}  # fmt: skip
@@ -93,7 +93,7 @@ class Resume:
         """(step, log, seconds) of the saved state, loaded into model, optimizer and rng."""
         state = torch.load(self.path, map_location="cpu", weights_only=True)  # never runs pickled code
         saved = (state["params"], state["log_every"], state["rng_device"])
-        wanted = (json.loads(json.dumps(self.params)), log_every, self.rng.device.type)
+        wanted = (plain(self.params), log_every, self.rng.device.type)
         for what, had, want in zip(("params", "log interval", "device type"), saved, wanted, strict=True):
             if had != want:
                 raise SystemExit(
@@ -104,6 +104,11 @@ class Resume:
         optimizer.load_state_dict(state["optimizer"])
         self.rng.set_state(state["rng"])
         return state["step"], state["log"], state["seconds"]
+
+
+def plain(value):
+    """`value` as it reads back from JSON (tuples as lists): how params are stored and compared."""
+    return json.loads(json.dumps(value))
 
 
 def partial_path(out: Path | str, job_name: str) -> Path:
@@ -126,12 +131,6 @@ def clear_partial(out: Path | str, job_name: str) -> None:
     partial = partial_path(out, job_name)
     partial.unlink(missing_ok=True)
     info_path(partial).unlink(missing_ok=True)
-
-
-def saved_fraction(out: Path | str, job_name: str) -> float:
-    """The fraction of its steps a job has saved by an earlier invocation (0 if none)."""
-    saved = saved_progress(out, job_name)
-    return 0.0 if saved is None else min(1.0, saved["step"] / max(1, saved["steps"]))
 
 
 @dataclass
@@ -412,13 +411,7 @@ def sweep_parser(doc: str) -> argparse.ArgumentParser:
 
 
 def same_params(path: Path, job: Job) -> bool:
-    return json.loads(path.read_text()).get("params") == json.loads(json.dumps(job.params))
-
-
-def same_partial_params(out: Path, job: Job) -> bool:
-    """False when a saved training state of this job's name was made with other params."""
-    saved = saved_progress(out, job.name)
-    return saved is None or saved["params"] == json.loads(json.dumps(job.params))
+    return json.loads(path.read_text()).get("params") == plain(job.params)
 
 
 def run_sweep(jobs: list[Job], run_one: Callable[[Job, float], dict], args: argparse.Namespace) -> int:
@@ -435,13 +428,17 @@ def run_sweep(jobs: list[Job], run_one: Callable[[Job, float], dict], args: argp
     if stale:
         sys.exit(f"{out} holds results of other settings under the same names ({', '.join(stale[:3])}, ...): "
                  "use another --out, or delete them")  # fmt: skip
-    stale = [job.name for job in todo if not same_partial_params(out, job)]
+    # training states saved by earlier invocations: read once (only the job that runs changes its own)
+    saved = {job.name: saved_progress(out, job.name) for job in todo}
+    stale = [job.name for job in todo if saved[job.name] and saved[job.name]["params"] != plain(job.params)]
     if stale:
         sys.exit(
             f"{out} holds saved training states of other settings under the same names "
             f"({', '.join(stale[:3])}): use another --out, or delete their .partial.* files"
         )
-    left = {job.name: job.estimate_s * (1 - saved_fraction(out, job.name)) for job in todo}
+    # the fraction of its steps each job has saved
+    done = {name: 0.0 if s is None else min(1.0, s["step"] / max(1, s["steps"])) for name, s in saved.items()}
+    left = {job.name: job.estimate_s * (1 - done[job.name]) for job in todo}  # unscaled estimate still to run
     total_min = sum(left.values()) / 60
     print(
         f"{len(jobs)} configurations, {len(jobs) - len(todo)} already done, {len(todo)} to run "
@@ -449,8 +446,7 @@ def run_sweep(jobs: list[Job], run_one: Callable[[Job, float], dict], args: argp
     )
     if args.plan:
         for job in todo:
-            done = saved_fraction(out, job.name)
-            resumes = f" (resumes at {done:.0%})" if done else ""
+            resumes = f" (resumes at {done[job.name]:.0%})" if done[job.name] else ""
             print(f"  {job.name:<40} ~{left[job.name] / 60:5.1f} min{resumes}")
         return len(todo)
     budget_s = args.max_minutes * 60
@@ -458,14 +454,13 @@ def run_sweep(jobs: list[Job], run_one: Callable[[Job, float], dict], args: argp
     scale = 1.0  # worst measured / planned time (for the steps run) so far: later estimates are scaled by it
     for i, job in enumerate(todo):
         elapsed = time.perf_counter() - start
-        left_s = job.estimate_s * scale * (1 - saved_fraction(out, job.name))
+        left_s = left[job.name] * scale
         # a resumable first job is started whatever its estimate: it saves what it gets done
         if elapsed + left_s > budget_s and not (i == 0 and job.resumable):
             print(f"INCOMPLETE: {len(todo) - i} configurations left; re-run the same command to continue")
             return len(todo) - i
         print(f"[{i + 1}/{len(todo)}] {job.name} (estimate {left_s / 60:.1f} min)")
-        saved = saved_progress(out, job.name)
-        earlier_s = 0.0 if saved is None else saved["seconds"]  # training time of earlier invocations
+        earlier_s = saved[job.name]["seconds"] if saved[job.name] else 0.0  # earlier invocations' training
         began = time.perf_counter()
         try:
             result = {"status": "ok", **run_one(job, max(0.0, budget_s - elapsed))}

@@ -98,10 +98,8 @@ def windows(tokens: torch.Tensor, starts: torch.Tensor, seq_len: int, eos_id: in
     return x, y
 
 
-def random_batches(data: TokenData, batch_size: int, seq_len: int, seed: int | torch.Generator):
-    """Random training windows forever; `seed` may be the generator itself (a resumed run restores it)."""
-    device = data.train.device
-    gen = seed if isinstance(seed, torch.Generator) else torch.Generator(device=device).manual_seed(seed)
+def random_batches(data: TokenData, batch_size: int, seq_len: int, gen: torch.Generator):
+    """Random training windows forever, drawn by gen (on the tokens' device; a resumed run restores it)."""
     high = data.train.numel() - seq_len  # exclusive: the last window ends on the last token
     if high < 1:
         raise ValueError(f"--seq-len {seq_len} needs more than the {data.train.numel()} training tokens")

@@ -198,10 +198,9 @@ def sample_batch(task: MQARTask, batch_size: int, gen: torch.Generator, device: 
     return Batch(inputs, targets, query_pos, values, query_pos - key_pos)
 
 
-def batches(task: MQARTask, batch_size: int, seed: int | torch.Generator, device: torch.device):
-    """Fresh examples forever, as (inputs, (query_pos, values)): what query_loss takes. `seed` may be the
-    generator itself (on `device`), whose state a resumed run restores."""
-    gen = seed if isinstance(seed, torch.Generator) else torch.Generator(device=device).manual_seed(seed)
+def batches(task: MQARTask, batch_size: int, gen: torch.Generator, device: torch.device):
+    """Fresh examples forever from gen (on `device`; a resumed run restores its state), as
+    (inputs, (query_pos, values)): what query_loss takes."""
     while True:
         batch = sample_batch(task, batch_size, gen, device)
         yield batch.inputs, (batch.query_pos, batch.values)
