@@ -10,8 +10,9 @@
 # slower side by side: its --max-minutes guard (each process keeps its own) may stop it where it would have
 # finished alone. Such a run saves its training state (OUT/<name>.partial.pt) and the next invocation
 # continues it; a run out of memory is recorded as "error" (delete the file to retry). More than about five
-# processes do not add throughput on an H200. Logs go to OUT-logs/<name>.log. Prints DONE when every process printed DONE, otherwise INCOMPLETE
-# (re-run the same command to continue: finished configurations are skipped). With --plan each process lists
+# processes do not add throughput on an H200. Logs go to OUT-logs/<name>.log. Prints DONE when every process
+# printed DONE, otherwise INCOMPLETE (re-run the same command to continue: finished configurations are
+# skipped). With --plan each process lists
 # what it would run. PYTHON names the interpreter (default: python). With --per-cell (mqar only, with --cells
 # and a single --lrs value, so that no cell waits on a learning-rate sweep) each architecture runs one process
 # per cell: more processes side by side, for long runs that would not fit one call one after the other.
