@@ -146,7 +146,7 @@ def test_short_chunk_scan_with_the_gpu_tiling(device, monkeypatch, poison):
     from ratlm.ops.rat import scan_seq
 
     gpu_tile = scan_seq.seq_tile
-    monkeypatch.setattr(scan_seq, "seq_tile", lambda C, d, interpret: gpu_tile(C, d, False))
+    monkeypatch.setattr(scan_seq, "seq_tile", lambda C, d, interpret, kind="fwd": gpu_tile(C, d, False, kind))
     assert scan_seq.seq_tile(12, 64, True) == (4, 32, 4)  # 4 chunks x 32 channels, 4 warps
     poison(*KERNEL_MODULES)
     leaves = gated_inputs(1, 45, 2, 64, device)

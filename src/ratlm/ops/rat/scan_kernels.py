@@ -298,6 +298,8 @@ def tile_shape(L: int, d: int, budget: int) -> tuple[int, int, int]:
 # which kernels run the scans: "auto" (the per-chunk loops of scan_seq.py up to its MAX_CHUNK, else the
 # prefix scans of this module), "seq" or "scan" (forced, for benchmarks and tests)
 VARIANT = "auto"
+# the short-chunk backward: "dq-apart" (the query gradient summed by its own kernel) or "fused"
+SEQ_BWD = "dq-apart"
 
 
 def _use_seq(L: int) -> bool:
@@ -363,7 +365,7 @@ def rat_scan_bwd(
     if seq:
         from .scan_seq import _rat_seq_bwd_kernel, seq_tile
 
-        NC, BD, warps = seq_tile(C, d, INTERPRET)
+        NC, BD, warps = seq_tile(C, d, INTERPRET, "bwd")
         grid = (triton.cdiv(C, NC), B * G, d // BD)  # BD channels of one half per program
         # fp32: the heads of a group add into them one after the other; cast at the end
         dq_dtype = dk_dtype = torch.float32
@@ -394,11 +396,27 @@ def rat_scan_bwd(
     )  # fmt: skip
     flags = dict(H=H, NG=G, HALF=d // 2, BD=BD, ROPE=rope, HAS_DQB=dqb is not None, HAS_SUM=dvsum is not None,
                  LOGITS=logits, num_warps=warps)  # fmt: skip
-    if seq:
+    if seq and SEQ_BWD == "dq-apart":
+        from .scan_seq import _dq_sum_kernel, _rat_seq_bwd_kernel
+
+        dq = torch.empty(B, T, G, d, device=v.device, dtype=q_dtype)
+        BT = 16 if INTERPRET else 32
+        _dq_sum_kernel[(triton.cdiv(T, BT), B * G)](
+            dqa, dqb if dqb is not None else dqa, cos if rope else v, sin if rope else v, dq, T, C,
+            *token_strides(dqa, dqa_layout, L),
+            *(token_strides(dqb, dqb_layout, L) if dqb is not None else (0,) * 5),
+            L=L, H=H, NG=G, HALF=d // 2, BT=BT, ROPE=rope, HAS_DQB=dqb is not None, num_warps=4,
+        )  # fmt: skip
         hist = torch.empty(
             grid[0] * grid[1] * grid[2] * L * 2 * NC * BD, device=v.device, dtype=torch.float32
         )
-        _rat_seq_bwd_kernel[grid](*pointers, hist, T, C, n_sum, *strides, L=L, NC=NC, **flags)
+        _rat_seq_bwd_kernel[grid](*pointers, hist, T, C, n_sum, *strides, L=L, NC=NC, WITH_DQ=False, **flags)
+        dk = dk.to(k.dtype)
+    elif seq:
+        hist = torch.empty(
+            grid[0] * grid[1] * grid[2] * L * 2 * NC * BD, device=v.device, dtype=torch.float32
+        )
+        _rat_seq_bwd_kernel[grid](*pointers, hist, T, C, n_sum, *strides, L=L, NC=NC, WITH_DQ=True, **flags)
         dq, dk = dq.to(q_dtype), dk.to(k.dtype)
     else:
         _rat_scan_bwd_kernel[grid](*pointers, T, L, M, C, n_sum, *strides, BT=BT, **flags)

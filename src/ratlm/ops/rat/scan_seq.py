@@ -123,7 +123,7 @@ def _rat_seq_bwd_kernel(
     su_b, su_c, su_h, su_off,
     L: tl.constexpr, H: tl.constexpr, NG: tl.constexpr, HALF: tl.constexpr, NC: tl.constexpr,
     BD: tl.constexpr, ROPE: tl.constexpr, HAS_DQB: tl.constexpr, HAS_SUM: tl.constexpr,
-    LOGITS: tl.constexpr,
+    LOGITS: tl.constexpr, WITH_DQ: tl.constexpr,
 ):  # fmt: skip
     b = (tl.program_id(1) // NG).to(tl.int64)
     grp = (tl.program_id(1) % NG).to(tl.int64)  # head offsets of head-major buffers can pass 2**31
@@ -177,7 +177,7 @@ def _rat_seq_bwd_kernel(
                 L - 1, c, b, h, grp, col, pair, T, L, j, hist, DVS, DKS, G, V, K, DQA, DQB, DQ, DK,
                 ss_off, ss_b, ss_c, ss_l, ss_h, sg_b, sg_t, sg_h, sv_b, sv_t, sv_h, sk_b, sk_t, sk_g,
                 sa_off, sa_b, sa_c, sa_l, sa_h, sb_off, sb_b, sb_c, sb_l, sb_h, WG,
-                NC, BD, HALF, ROPE, HAS_DQB,
+                NC, BD, HALF, ROPE, HAS_DQB, WITH_DQ,
             )  # fmt: skip
         if HAS_SUM:  # the last row also takes the summary's gradients
             row_u = su_off + b * su_b + c[:, None] * su_c + h * su_h + col
@@ -193,7 +193,7 @@ def _rat_seq_bwd_kernel(
                 l - 1, c, b, h, grp, col, pair, T, L, j, hist, DVS, DKS, G, V, K, DQA, DQB, DQ, DK,
                 ss_off, ss_b, ss_c, ss_l, ss_h, sg_b, sg_t, sg_h, sv_b, sv_t, sv_h, sk_b, sk_t, sk_g,
                 sa_off, sa_b, sa_c, sa_l, sa_h, sb_off, sb_b, sb_c, sb_l, sb_h, WG,
-                NC, BD, HALF, ROPE, HAS_DQB,
+                NC, BD, HALF, ROPE, HAS_DQB, WITH_DQ,
             )  # fmt: skip
             tok = c * L + l
             m2 = (tok < T)[:, None]
@@ -218,17 +218,56 @@ def _rat_seq_bwd_kernel(
                 db += tl.sum(dg, 0)
             tl.store(DG + row_o, round_to(dg, DG.dtype.element_ty), mask=m2)
             # this head's key and query gradients, added into the group's fp32 buffers
-            eq = qa.to(tl.float32) + qb.to(tl.float32)
-            if ROPE:
-                eq = eq * cos + (qap.to(tl.float32) + qbp.to(tl.float32)) * sin
             row_q = b * T * WG + tok[:, None] * WG + grp * 2 * HALF + col
             tl.store(DK + row_q, dk_acc + (1.0 - g) * dhk, mask=m2)
-            tl.store(DQ + row_q, dq_acc + eq, mask=m2)
+            if WITH_DQ:
+                eq = qa.to(tl.float32) + qb.to(tl.float32)
+                if ROPE:
+                    eq = eq * cos + (qap.to(tl.float32) + qbp.to(tl.float32)) * sin
+                tl.store(DQ + row_q, dq_acc + eq, mask=m2)
             gn = g
         if LOGITS:
             row_db = DBIAS + (tl.program_id(0) * (tl.num_programs(1) // NG) + b) * W + h * 2 * HALF + i
             tl.store(row_db, db)
         tl.debug_barrier()  # the next head reads back what this one stored into DQ, DK and the scratch
+
+
+@triton.jit
+def _dq_sum_kernel(
+    DQA, DQB, COS, SIN, DQ, T, C,
+    sa_b, sa_c, sa_l, sa_h, sa_off,
+    sb_b, sb_c, sb_l, sb_h, sb_off,
+    L: tl.constexpr, H: tl.constexpr, NG: tl.constexpr, HALF: tl.constexpr, BT: tl.constexpr,
+    ROPE: tl.constexpr, HAS_DQB: tl.constexpr,
+):  # fmt: skip
+    """dq [B, T, G, d] = the rotation's transpose of the sum over a group's heads of the query gradients
+    (own part DQA, summary part DQB, both per head in the layouts their kernels wrote)."""
+    b = (tl.program_id(1) // NG).to(tl.int64)
+    grp = (tl.program_id(1) % NG).to(tl.int64)
+    tok = tl.program_id(0).to(tl.int64) * BT + tl.arange(0, BT)
+    valid = tok < T
+    c = tok // L
+    l = tok - c * L
+    e = tl.arange(0, HALF)[None, :]
+    m2 = valid[:, None]
+    m_b = (valid & (c >= 1))[:, None]
+    acc1 = tl.zeros([BT, HALF], dtype=tl.float32)
+    acc2 = tl.zeros([BT, HALF], dtype=tl.float32)
+    for j in range(H // NG):
+        h = grp + j * NG
+        row_a = sa_off + b * sa_b + c[:, None] * sa_c + l[:, None] * sa_l + h * sa_h + e
+        acc1 += tl.load(DQA + row_a, mask=m2, other=0.0).to(tl.float32)
+        acc2 += tl.load(DQA + row_a + HALF, mask=m2, other=0.0).to(tl.float32)
+        if HAS_DQB:
+            row_b = sb_off + b * sb_b + c[:, None] * sb_c + l[:, None] * sb_l + h * sb_h + e
+            acc1 += tl.load(DQB + row_b, mask=m_b, other=0.0).to(tl.float32)
+            acc2 += tl.load(DQB + row_b + HALF, mask=m_b, other=0.0).to(tl.float32)
+    if ROPE:  # the transpose of the rotation at the chunk index
+        cos, sin = _rope_of_chunks(COS, SIN, c, C, e, HALF, ROPE)
+        acc1, acc2 = acc1 * cos + acc2 * sin, acc2 * cos - acc1 * sin
+    row_q = b * T * NG * 2 * HALF + tok[:, None] * NG * 2 * HALF + grp * 2 * HALF + e
+    tl.store(DQ + row_q, round_to(acc1, DQ.dtype.element_ty), mask=m2)
+    tl.store(DQ + row_q + HALF, round_to(acc2, DQ.dtype.element_ty), mask=m2)
 
 
 @triton.jit
@@ -281,6 +320,7 @@ def _grad_inputs(
     ss_off, ss_b, ss_c, ss_l, ss_h, sg_b, sg_t, sg_h, sv_b, sv_t, sv_h, sk_b, sk_t, sk_g,
     sa_off, sa_b, sa_c, sa_l, sa_h, sb_off, sb_b, sb_c, sb_l, sb_h, WG,
     NC: tl.constexpr, BD: tl.constexpr, HALF: tl.constexpr, ROPE: tl.constexpr, HAS_DQB: tl.constexpr,
+    WITH_DQ: tl.constexpr,
 ):  # fmt: skip
     """Everything the reverse loop reads at row l, raw (no arithmetic on the loaded values, so nothing waits
     for them here); zeros for l < 0 and, except the scratch states (unused there), past the sequence. The
@@ -295,27 +335,43 @@ def _grad_inputs(
     g = tl.load(G + b * sg_b + tok[:, None] * sg_t + h * sg_h + col, mask=m2, other=0.0)
     v = tl.load(V + b * sv_b + tok[:, None] * sv_t + h * sv_h + col, mask=m2, other=0.0)
     k = tl.load(K + b * sk_b + tok[:, None] * sk_t + grp * sk_g + col, mask=m2, other=0.0)
-    row_a = sa_off + b * sa_b + c[:, None] * sa_c + l * sa_l + h * sa_h + col
-    qa = tl.load(DQA + row_a, mask=m2, other=0.0)
-    qap = tl.load(DQA + row_a + pair, mask=m2 & ROPE, other=0.0)
-    m_b = m2 & (c >= 1)[:, None] & HAS_DQB
-    row_b = sb_off + b * sb_b + c[:, None] * sb_c + l * sb_l + h * sb_h + col
-    qb = tl.load(DQB + row_b, mask=m_b, other=0.0)
-    qbp = tl.load(DQB + row_b + pair, mask=m_b & ROPE, other=0.0)
+    if WITH_DQ:
+        row_a = sa_off + b * sa_b + c[:, None] * sa_c + l * sa_l + h * sa_h + col
+        qa = tl.load(DQA + row_a, mask=m2, other=0.0)
+        qap = tl.load(DQA + row_a + pair, mask=m2 & ROPE, other=0.0)
+        m_b = m2 & (c >= 1)[:, None] & HAS_DQB
+        row_b = sb_off + b * sb_b + c[:, None] * sb_c + l * sb_l + h * sb_h + col
+        qb = tl.load(DQB + row_b, mask=m_b, other=0.0)
+        qbp = tl.load(DQB + row_b + pair, mask=m_b & ROPE, other=0.0)
+    else:
+        qa = 0.0
+        qap = 0.0
+        qb = 0.0
+        qbp = 0.0
     m_h = (l >= 0) & (tl.arange(0, NC) >= 0)[:, None]
     pv = tl.load(hist + (2 * l) * NC * BD, mask=m_h, other=0.0)
     pk = tl.load(hist + (2 * l + 1) * NC * BD, mask=m_h, other=0.0)
     row_q = b * T * WG + tok[:, None] * WG + grp * 2 * HALF + col
     dk = tl.load(DK + row_q, mask=m2 & (j > 0), other=0.0)
-    dq = tl.load(DQ + row_q, mask=m2 & (j > 0), other=0.0)
+    if WITH_DQ:
+        dq = tl.load(DQ + row_q, mask=m2 & (j > 0), other=0.0)
+    else:
+        dq = 0.0
     return dv, dr, drp, g, v, k, qa, qap, qb, qbp, pv, pk, dk, dq
 
 
-def seq_tile(C: int, d: int, interpret: bool) -> tuple[int, int, int]:
-    """(chunks per program NC, channels per block BD, warps): one element per thread per tile.
+# benchmarks may pin a tile: {"fwd" or "bwd": (NC, BD, warps)}
+TILES: dict[str, tuple[int, int, int]] = {}
+
+
+def seq_tile(C: int, d: int, interpret: bool, kind: str = "fwd") -> tuple[int, int, int]:
+    """(chunks per program NC, channels per block BD, warps) of the forward or backward kernel ("fwd",
+    "bwd"): one element per thread per tile unless `TILES` pins another.
 
     The forward takes BD channels from each half of the head vector, the backward BD channels of one half.
     """
+    if kind in TILES and not interpret:
+        return TILES[kind]
     BD = min(d // 2, 8 if interpret else 32)
     NC = max(1, min(2 if interpret else 128 // BD, triton.next_power_of_2(C)))
     return NC, BD, max(1, min(4, NC * BD // 32))
