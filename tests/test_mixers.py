@@ -275,3 +275,57 @@ def test_add_projection_calls_a_wrapped_projection_instead_of_reading_its_weight
     with torch.no_grad():
         out = add_projection(x.clone(), y, proj, inplace=True)
     torch.testing.assert_close(out, x + 2 * (y @ proj.weight.T).detach())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_add_projection_adds_in_the_gemm_epilogue_under_autocast(half, monkeypatch):
+    """Mixed precision on CUDA: one GEMM with an fp32 output adds the residual; output and the gradients of
+    x, y and the weight match autocast's linear plus add (the product is no longer rounded to half first);
+    a hook on the projection, or RATLM_BACKEND=torch, gets the plain path."""
+    from ratlm.mixers import residual
+    from ratlm.ops import backend
+
+    if not residual._epilogue_supported(torch.device("cuda")):
+        pytest.skip("this torch has no addmm out_dtype")
+    proj = torch.nn.Linear(256, 128, bias=False, device="cuda")
+    x = torch.randn(4, 33, 128, device="cuda", requires_grad=True)
+    y = torch.randn(4, 33, 256, device="cuda").to(half).requires_grad_()
+    dout = torch.randn(4, 33, 128, device="cuda")
+    calls = []
+    real = residual._AddProjection.apply
+    monkeypatch.setattr(residual._AddProjection, "apply", lambda *a: calls.append(1) or real(*a))
+
+    def run():
+        with torch.autocast("cuda", dtype=half):
+            out = residual.add_projection(x, y, proj)
+        return [out, *torch.autograd.grad(out, (x, y, proj.weight), dout)]
+
+    fused = run()
+    assert calls == [1]
+    with torch.autocast("cuda", dtype=half):
+        ref = x + proj(y)
+    plain = [ref, *torch.autograd.grad(ref, (x, y, proj.weight), dout)]
+    for name, a, b in zip(["out", "dx", "dy", "dw"], fused, plain, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        # the plain path rounds the product to half before the add: its error, at most
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=2e-2, msg=lambda m, n=name: f"{n}: {m}")
+    handle = proj.register_forward_hook(lambda *args: None)
+    run()
+    handle.remove()
+    with backend.use_backend("torch"):
+        run()
+    assert calls == [1]
+
+
+def test_add_projection_epilogue_is_off_without_cuda_or_autocast():
+    """On the CPU (no addmm out_dtype there) and outside autocast the residual is the plain x + proj(y)."""
+    from ratlm.mixers import residual
+
+    proj = torch.nn.Linear(6, 4, bias=False)
+    x, y = torch.randn(3, 4), torch.randn(3, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = residual.add_projection(x, y.bfloat16(), proj)
+    assert out.dtype == torch.float32 and not residual._EPILOGUE_OK
+    torch.testing.assert_close(residual.add_projection(x, y, proj), x + y @ proj.weight.T)

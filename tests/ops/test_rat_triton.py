@@ -147,7 +147,7 @@ def test_short_chunk_scan_with_the_gpu_tiling(device, monkeypatch, poison):
 
     gpu_tile = scan_seq.seq_tile
     monkeypatch.setattr(scan_seq, "seq_tile", lambda C, d, interpret, kind="fwd": gpu_tile(C, d, False, kind))
-    assert scan_seq.seq_tile(12, 64, True) == (4, 32, 4)  # 4 chunks x 32 channels, 4 warps
+    assert scan_seq.seq_tile(12, 64, True) == (4, 32, 1)  # 4 chunks x 32 channels, one warp
     poison(*KERNEL_MODULES)
     leaves = gated_inputs(1, 45, 2, 64, device)
     out = call_gated(gpu.rat_mix_triton, leaves, 4, engine="torch")

@@ -1,15 +1,67 @@
-"""The residual connection of every block: x + proj(y), optionally added into x by the product itself."""
+"""The residual connection of every block: x + proj(y), added by the matrix product itself where it can."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 
+from ..ops.backend import fast_path_wanted
 from .norm import autocast_dtype
+
+_EPILOGUE_OK: dict[str, bool] = {}
+
+
+def _epilogue_supported(device: torch.device) -> bool:
+    """Whether torch multiplies bf16 matrices into an fp32 output with an fp32 addend here (torch.addmm's
+    out_dtype, CUDA only, recent torch), tried once per device."""
+    key = str(device)
+    if key not in _EPILOGUE_OK:
+        try:
+            a = torch.ones(2, 2, device=device, dtype=torch.bfloat16)
+            out = torch.addmm(torch.ones(2, 2, device=device), a, a, out_dtype=torch.float32)
+            _EPILOGUE_OK[key] = out.dtype == torch.float32 and bool((out == 3).all())
+        except (RuntimeError, TypeError):
+            _EPILOGUE_OK[key] = False
+    return _EPILOGUE_OK[key]
+
+
+class _AddProjection(torch.autograd.Function):
+    """x + y @ w.T for an fp32 x [N, D], y [N, D_in] in a half dtype and w [D, D_in] (cast to y's dtype): one
+    GEMM that adds x in its epilogue and writes fp32, where autocast would write the product in y's dtype and
+    add it to x in a second pass. The product is not rounded to the half dtype before the add (the sum is
+    rounded once, to fp32); the backward is autocast's linear's followed by the add's."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, y: Tensor, w: Tensor) -> Tensor:
+        wc = w.to(y.dtype)
+        ctx.save_for_backward(y, wc)
+        ctx.w_dtype = w.dtype
+        return torch.addmm(x, y, wc.t(), out_dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, dout: Tensor):
+        y, wc = ctx.saved_tensors
+        d = dout.to(y.dtype)
+        dy = d @ wc if ctx.needs_input_grad[1] else None
+        dw = (d.t() @ y).to(ctx.w_dtype) if ctx.needs_input_grad[2] else None
+        return dout, dy, dw
+
+
+def _hooks(proj: nn.Module) -> bool:
+    hooks = torch.nn.modules.module
+    return bool(
+        proj._forward_hooks or proj._forward_pre_hooks or hooks._global_forward_hooks
+        or hooks._global_forward_pre_hooks
+    )  # fmt: skip
 
 
 def add_projection(x: Tensor, y: Tensor, proj: nn.Linear, inplace: bool = False) -> Tensor:
     """x + proj(y) for x [..., D] and y [..., D_in] with the same leading shape.
+
+    Under half-precision autocast on CUDA with an fp32 residual stream x (mixed-precision training and
+    prefill), one GEMM adds x in its epilogue (`_AddProjection`): about 1.5 ms less per layer at 262,144
+    tokens and D 2048 on an H200. Not under torch.compile (which fuses the add itself), with
+    RATLM_BACKEND=torch, with hooks on proj, or where torch lacks addmm's out_dtype.
 
     With inplace=True (cached inference: LanguageModel.forward passes it with a cache and without autograd)
     the product is accumulated into x's own memory (one GEMM with beta = 1) and x is returned: one kernel
@@ -29,4 +81,17 @@ def add_projection(x: Tensor, y: Tensor, proj: nn.Linear, inplace: bool = False)
     ):
         x.view(-1, x.shape[-1]).addmm_(y.reshape(-1, y.shape[-1]), proj.weight.t())
         return x
+    half = autocast_dtype(x.device.type)
+    if (
+        half in (torch.bfloat16, torch.float16)
+        and x.dtype == torch.float32
+        and type(proj) is nn.Linear
+        and proj.bias is None
+        and not torch.compiler.is_compiling()
+        and fast_path_wanted(x, y)
+        and not _hooks(proj)
+        and _epilogue_supported(x.device)
+    ):
+        y2 = y.reshape(-1, y.shape[-1]).to(half)
+        return _AddProjection.apply(x.reshape(-1, x.shape[-1]), y2, proj.weight).view(x.shape)
     return x + proj(y)

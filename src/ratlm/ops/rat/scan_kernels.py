@@ -298,8 +298,6 @@ def tile_shape(L: int, d: int, budget: int) -> tuple[int, int, int]:
 # which kernels run the scans: "auto" (the per-chunk loops of scan_seq.py up to its MAX_CHUNK, else the
 # prefix scans of this module), "seq" or "scan" (forced, for benchmarks and tests)
 VARIANT = "auto"
-# the short-chunk backward: "dq-apart" (the query gradient summed by its own kernel) or "fused"
-SEQ_BWD = "dq-apart"
 
 
 def _use_seq(L: int) -> bool:
@@ -363,62 +361,54 @@ def rat_scan_bwd(
     logits = gate_bias is not None
     seq = _use_seq(L)
     if seq:
-        from .scan_seq import _rat_seq_bwd_kernel, seq_tile
+        from .scan_seq import _dq_sum_kernel, _rat_seq_bwd_kernel, seq_tile
 
         NC, BD, warps = seq_tile(C, d, INTERPRET, "bwd")
         grid = (triton.cdiv(C, NC), B * G, d // BD)  # BD channels of one half per program
-        # fp32: the heads of a group add into them one after the other; cast at the end
-        dq_dtype = dk_dtype = torch.float32
+        dk_dtype = torch.float32  # the heads of a group add into it one after the other; cast at the end
     else:
         BT, M, BD = tile_shape(L, d, 1024)
         grid = (triton.cdiv(C, M), B * G, d // 2 // BD)  # BD channels of each half per program
         warps = 4 if BT * BD <= 512 else 8
-        dq_dtype, dk_dtype = q_dtype, k.dtype
-    dq = torch.empty(B, T, G, d, device=v.device, dtype=dq_dtype)
+        dk_dtype = k.dtype
+    dq = torch.empty(B, T, G, d, device=v.device, dtype=q_dtype)
     dk = torch.empty(B, T, G, d, device=v.device, dtype=dk_dtype)
     dv = torch.empty(B, T, H, d, device=v.device, dtype=v.dtype)
     dg = torch.empty(B, T, H, d, device=v.device, dtype=g.dtype)
     # per (tile of chunks, batch row): the bias gradient of those rows, summed afterwards (no atomics)
     dbias = torch.empty(grid[0] * B, H * d, device=v.device, dtype=torch.float32) if logits else None
-    pointers = (
-        k, v, g, gate_bias if logits else v, cos if rope else v, sin if rope else v,
-        dqa, dqb if dqb is not None else dqa, dvs, dks,
-        dvsum if dvsum is not None else dvs, dksum if dksum is not None else dvs,
-        dq, dk, dv, dg, dbias if logits else dg,
-    )  # fmt: skip
-    strides = (
+    tables = (cos if rope else v, sin if rope else v)
+    dq_strides = (*token_strides(dqa, dqa_layout, L),
+                  *(token_strides(dqb, dqb_layout, L) if dqb is not None else (0,) * 5))  # fmt: skip
+    state_strides = (
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         g.stride(0), g.stride(1), g.stride(2),
-        *token_strides(dqa, dqa_layout, L),
-        *(token_strides(dqb, dqb_layout, L) if dqb is not None else (0,) * 5),
         *token_strides(dvs, s_layout, L),
         *(chunk_strides(dvsum, sum_layout) if dvsum is not None else (0,) * 4),
     )  # fmt: skip
-    flags = dict(H=H, NG=G, HALF=d // 2, BD=BD, ROPE=rope, HAS_DQB=dqb is not None, HAS_SUM=dvsum is not None,
-                 LOGITS=logits, num_warps=warps)  # fmt: skip
-    if seq and SEQ_BWD == "dq-apart":
-        from .scan_seq import _dq_sum_kernel, _rat_seq_bwd_kernel
-
-        dq = torch.empty(B, T, G, d, device=v.device, dtype=q_dtype)
-        BT = 16 if INTERPRET else 32
-        _dq_sum_kernel[(triton.cdiv(T, BT), B * G)](
-            dqa, dqb if dqb is not None else dqa, cos if rope else v, sin if rope else v, dq, T, C,
-            *token_strides(dqa, dqa_layout, L),
-            *(token_strides(dqb, dqb_layout, L) if dqb is not None else (0,) * 5),
-            L=L, H=H, NG=G, HALF=d // 2, BT=BT, ROPE=rope, HAS_DQB=dqb is not None, num_warps=4,
+    sums = (dvsum if dvsum is not None else dvs, dksum if dksum is not None else dvs)
+    flags = dict(H=H, NG=G, HALF=d // 2, BD=BD, ROPE=rope, HAS_SUM=dvsum is not None, LOGITS=logits,
+                 num_warps=warps)  # fmt: skip
+    if seq:
+        BQ = 16 if INTERPRET else 32
+        _dq_sum_kernel[(triton.cdiv(T, BQ), B * G)](
+            dqa, dqb if dqb is not None else dqa, *tables, dq, T, C, *dq_strides,
+            L=L, H=H, NG=G, HALF=d // 2, BT=BQ, ROPE=rope, HAS_DQB=dqb is not None, num_warps=4,
         )  # fmt: skip
         hist = torch.empty(
             grid[0] * grid[1] * grid[2] * L * 2 * NC * BD, device=v.device, dtype=torch.float32
         )
-        _rat_seq_bwd_kernel[grid](*pointers, hist, T, C, n_sum, *strides, L=L, NC=NC, WITH_DQ=False, **flags)
+        _rat_seq_bwd_kernel[grid](
+            k, v, g, gate_bias if logits else v, *tables, dvs, dks, *sums,
+            dk, dv, dg, dbias if logits else dg, hist, T, C, n_sum, *state_strides, L=L, NC=NC, **flags,
+        )  # fmt: skip
         dk = dk.to(k.dtype)
-    elif seq:
-        hist = torch.empty(
-            grid[0] * grid[1] * grid[2] * L * 2 * NC * BD, device=v.device, dtype=torch.float32
-        )
-        _rat_seq_bwd_kernel[grid](*pointers, hist, T, C, n_sum, *strides, L=L, NC=NC, WITH_DQ=True, **flags)
-        dq, dk = dq.to(q_dtype), dk.to(k.dtype)
     else:
-        _rat_scan_bwd_kernel[grid](*pointers, T, L, M, C, n_sum, *strides, BT=BT, **flags)
+        _rat_scan_bwd_kernel[grid](
+            k, v, g, gate_bias if logits else v, *tables, dqa, dqb if dqb is not None else dqa, dvs, dks,
+            *sums, dq, dk, dv, dg, dbias if logits else dg,
+            T, L, M, C, n_sum, *state_strides[:9], *dq_strides, *state_strides[9:],
+            BT=BT, HAS_DQB=dqb is not None, **flags,
+        )  # fmt: skip
     dbias = dbias.sum(0).to(gate_bias.dtype).view(gate_bias.shape) if logits else None
     return dq, dk, dv, dg, dbias

@@ -14,9 +14,13 @@ Backward: per head, a forward loop recomputes the fp32 states before each token 
 per-program scratch buffer (a few KiB per program, which stay in cache; 8 bytes per token and key-group
 channel in all), then a reverse loop runs the adjoint recurrence,
 writes dv and dg (through the sigmoid and the bias partial sums when the gate comes as logits), and adds the
-head's key and query gradients into fp32 [B, T, G, d] buffers (read-modify-write by the program that owns
-those elements; cast afterwards). Each program takes BD channels of one half of the head vector: only the
-incoming key and query gradients mix the halves (the rotation's transpose), and those are loads.
+head's key gradient into an fp32 [B, T, G, d] buffer (read-modify-write by the program that owns those
+elements; cast afterwards). Each program takes BD channels of one half of the head vector: only the
+incoming key gradients mix the halves (the rotation's transpose), and those are loads. The query gradient
+needs no recurrence: `_dq_sum_kernel` sums it over the heads of a group in registers and rotates it back.
+
+Tiles (`seq_tile`) come from a sweep on the H200 (`benchmarks/scan_tiles.py`): one warp per program and
+several elements per thread along whole 64-channel rows beat one element per thread by about 2x.
 """
 
 from __future__ import annotations
@@ -114,16 +118,13 @@ def _rat_seq_fwd_kernel(
 
 @triton.jit
 def _rat_seq_bwd_kernel(
-    K, V, G, BIAS, COS, SIN, DQA, DQB, DVS, DKS, DVSUM, DKSUM, DQ, DK, DV, DG, DBIAS, HIST,
+    K, V, G, BIAS, COS, SIN, DVS, DKS, DVSUM, DKSUM, DK, DV, DG, DBIAS, HIST,
     T, C, n_sum,
     sk_b, sk_t, sk_g, sv_b, sv_t, sv_h, sg_b, sg_t, sg_h,
-    sa_b, sa_c, sa_l, sa_h, sa_off,
-    sb_b, sb_c, sb_l, sb_h, sb_off,
     ss_b, ss_c, ss_l, ss_h, ss_off,
     su_b, su_c, su_h, su_off,
     L: tl.constexpr, H: tl.constexpr, NG: tl.constexpr, HALF: tl.constexpr, NC: tl.constexpr,
-    BD: tl.constexpr, ROPE: tl.constexpr, HAS_DQB: tl.constexpr, HAS_SUM: tl.constexpr,
-    LOGITS: tl.constexpr, WITH_DQ: tl.constexpr,
+    BD: tl.constexpr, ROPE: tl.constexpr, HAS_SUM: tl.constexpr, LOGITS: tl.constexpr,
 ):  # fmt: skip
     b = (tl.program_id(1) // NG).to(tl.int64)
     grp = (tl.program_id(1) % NG).to(tl.int64)  # head offsets of head-major buffers can pass 2**31
@@ -173,11 +174,10 @@ def _rat_seq_bwd_kernel(
         dhk = tl.zeros([NC, BD], dtype=tl.float32)
         gn = tl.zeros([NC, BD], dtype=tl.float32)
         db = tl.zeros([BD], dtype=tl.float32)
-        dv_n, dr_n, drp_n, g_n, v_n, k_n, qa_n, qap_n, qb_n, qbp_n, pv_n, pk_n, dk_n, dq_n = _grad_inputs(
-                L - 1, c, b, h, grp, col, pair, T, L, j, hist, DVS, DKS, G, V, K, DQA, DQB, DQ, DK,
-                ss_off, ss_b, ss_c, ss_l, ss_h, sg_b, sg_t, sg_h, sv_b, sv_t, sv_h, sk_b, sk_t, sk_g,
-                sa_off, sa_b, sa_c, sa_l, sa_h, sb_off, sb_b, sb_c, sb_l, sb_h, WG,
-                NC, BD, HALF, ROPE, HAS_DQB, WITH_DQ,
+        dv_n, dr_n, drp_n, g_n, v_n, k_n, pv_n, pk_n, dk_n = _grad_inputs(
+                L - 1, c, b, h, grp, col, pair, T, L, j, hist, DVS, DKS, G, V, K, DK,
+                ss_off, ss_b, ss_c, ss_l, ss_h, sg_b, sg_t, sg_h, sv_b, sv_t, sv_h, sk_b, sk_t, sk_g, WG,
+                NC, BD, HALF, ROPE,
             )  # fmt: skip
         if HAS_SUM:  # the last row also takes the summary's gradients
             row_u = su_off + b * su_b + c[:, None] * su_c + h * su_h + col
@@ -186,14 +186,11 @@ def _rat_seq_bwd_kernel(
             if ROPE:
                 dksum_pair = tl.load(DKSUM + row_u + pair, mask=m_end, other=0.0).to(tl.float32)
         for l in range(L - 1, -1, -1):
-            dv, dr, drp, g_raw, v, k, qa, qap, qb, qbp, pv, pk, dk_acc, dq_acc = (
-                dv_n, dr_n, drp_n, g_n, v_n, k_n, qa_n, qap_n, qb_n, qbp_n, pv_n, pk_n, dk_n, dq_n
-            )  # fmt: skip
-            dv_n, dr_n, drp_n, g_n, v_n, k_n, qa_n, qap_n, qb_n, qbp_n, pv_n, pk_n, dk_n, dq_n = _grad_inputs(
-                l - 1, c, b, h, grp, col, pair, T, L, j, hist, DVS, DKS, G, V, K, DQA, DQB, DQ, DK,
-                ss_off, ss_b, ss_c, ss_l, ss_h, sg_b, sg_t, sg_h, sv_b, sv_t, sv_h, sk_b, sk_t, sk_g,
-                sa_off, sa_b, sa_c, sa_l, sa_h, sb_off, sb_b, sb_c, sb_l, sb_h, WG,
-                NC, BD, HALF, ROPE, HAS_DQB, WITH_DQ,
+            dv, dr, drp, g_raw, v, k, pv, pk, dk_acc = dv_n, dr_n, drp_n, g_n, v_n, k_n, pv_n, pk_n, dk_n
+            dv_n, dr_n, drp_n, g_n, v_n, k_n, pv_n, pk_n, dk_n = _grad_inputs(
+                l - 1, c, b, h, grp, col, pair, T, L, j, hist, DVS, DKS, G, V, K, DK,
+                ss_off, ss_b, ss_c, ss_l, ss_h, sg_b, sg_t, sg_h, sv_b, sv_t, sv_h, sk_b, sk_t, sk_g, WG,
+                NC, BD, HALF, ROPE,
             )  # fmt: skip
             tok = c * L + l
             m2 = (tok < T)[:, None]
@@ -217,19 +214,14 @@ def _rat_seq_bwd_kernel(
                 dg = tl.where(m2, dg * g * (1.0 - g), 0.0)
                 db += tl.sum(dg, 0)
             tl.store(DG + row_o, round_to(dg, DG.dtype.element_ty), mask=m2)
-            # this head's key and query gradients, added into the group's fp32 buffers
+            # this head's key gradient, added into the group's fp32 buffer
             row_q = b * T * WG + tok[:, None] * WG + grp * 2 * HALF + col
             tl.store(DK + row_q, dk_acc + (1.0 - g) * dhk, mask=m2)
-            if WITH_DQ:
-                eq = qa.to(tl.float32) + qb.to(tl.float32)
-                if ROPE:
-                    eq = eq * cos + (qap.to(tl.float32) + qbp.to(tl.float32)) * sin
-                tl.store(DQ + row_q, dq_acc + eq, mask=m2)
             gn = g
         if LOGITS:
             row_db = DBIAS + (tl.program_id(0) * (tl.num_programs(1) // NG) + b) * W + h * 2 * HALF + i
             tl.store(row_db, db)
-        tl.debug_barrier()  # the next head reads back what this one stored into DQ, DK and the scratch
+        tl.debug_barrier()  # the next head reads back what this one stored into DK and the scratch
 
 
 @triton.jit
@@ -316,15 +308,13 @@ def _state_inputs(l, c, b, h, grp, col, T, L, G, V, K, sg_b, sg_t, sg_h, sv_b, s
 
 @triton.jit
 def _grad_inputs(
-    l, c, b, h, grp, col, pair, T, L, j, hist, DVS, DKS, G, V, K, DQA, DQB, DQ, DK,
-    ss_off, ss_b, ss_c, ss_l, ss_h, sg_b, sg_t, sg_h, sv_b, sv_t, sv_h, sk_b, sk_t, sk_g,
-    sa_off, sa_b, sa_c, sa_l, sa_h, sb_off, sb_b, sb_c, sb_l, sb_h, WG,
-    NC: tl.constexpr, BD: tl.constexpr, HALF: tl.constexpr, ROPE: tl.constexpr, HAS_DQB: tl.constexpr,
-    WITH_DQ: tl.constexpr,
+    l, c, b, h, grp, col, pair, T, L, j, hist, DVS, DKS, G, V, K, DK,
+    ss_off, ss_b, ss_c, ss_l, ss_h, sg_b, sg_t, sg_h, sv_b, sv_t, sv_h, sk_b, sk_t, sk_g, WG,
+    NC: tl.constexpr, BD: tl.constexpr, HALF: tl.constexpr, ROPE: tl.constexpr,
 ):  # fmt: skip
     """Everything the reverse loop reads at row l, raw (no arithmetic on the loaded values, so nothing waits
     for them here); zeros for l < 0 and, except the scratch states (unused there), past the sequence. The
-    key and query buffers are read back only after the group's first head (j > 0) has written them."""
+    key gradient buffer is read back only after the group's first head (j > 0) has written it."""
     tok = c * L + l
     live = (tok < T) & (l >= 0)
     m2 = live[:, None]
@@ -335,29 +325,12 @@ def _grad_inputs(
     g = tl.load(G + b * sg_b + tok[:, None] * sg_t + h * sg_h + col, mask=m2, other=0.0)
     v = tl.load(V + b * sv_b + tok[:, None] * sv_t + h * sv_h + col, mask=m2, other=0.0)
     k = tl.load(K + b * sk_b + tok[:, None] * sk_t + grp * sk_g + col, mask=m2, other=0.0)
-    if WITH_DQ:
-        row_a = sa_off + b * sa_b + c[:, None] * sa_c + l * sa_l + h * sa_h + col
-        qa = tl.load(DQA + row_a, mask=m2, other=0.0)
-        qap = tl.load(DQA + row_a + pair, mask=m2 & ROPE, other=0.0)
-        m_b = m2 & (c >= 1)[:, None] & HAS_DQB
-        row_b = sb_off + b * sb_b + c[:, None] * sb_c + l * sb_l + h * sb_h + col
-        qb = tl.load(DQB + row_b, mask=m_b, other=0.0)
-        qbp = tl.load(DQB + row_b + pair, mask=m_b & ROPE, other=0.0)
-    else:
-        qa = 0.0
-        qap = 0.0
-        qb = 0.0
-        qbp = 0.0
     m_h = (l >= 0) & (tl.arange(0, NC) >= 0)[:, None]
     pv = tl.load(hist + (2 * l) * NC * BD, mask=m_h, other=0.0)
     pk = tl.load(hist + (2 * l + 1) * NC * BD, mask=m_h, other=0.0)
     row_q = b * T * WG + tok[:, None] * WG + grp * 2 * HALF + col
     dk = tl.load(DK + row_q, mask=m2 & (j > 0), other=0.0)
-    if WITH_DQ:
-        dq = tl.load(DQ + row_q, mask=m2 & (j > 0), other=0.0)
-    else:
-        dq = 0.0
-    return dv, dr, drp, g, v, k, qa, qap, qb, qbp, pv, pk, dk, dq
+    return dv, dr, drp, g, v, k, pv, pk, dk
 
 
 # benchmarks may pin a tile: {"fwd" or "bwd": (NC, BD, warps)}
@@ -366,12 +339,13 @@ TILES: dict[str, tuple[int, int, int]] = {}
 
 def seq_tile(C: int, d: int, interpret: bool, kind: str = "fwd") -> tuple[int, int, int]:
     """(chunks per program NC, channels per block BD, warps) of the forward or backward kernel ("fwd",
-    "bwd"): one element per thread per tile unless `TILES` pins another.
+    "bwd"), unless `TILES` pins one: one warp, rows of up to 64 channels, 128 elements per program.
 
     The forward takes BD channels from each half of the head vector, the backward BD channels of one half.
     """
     if kind in TILES and not interpret:
         return TILES[kind]
-    BD = min(d // 2, 8 if interpret else 32)
-    NC = max(1, min(2 if interpret else 128 // BD, triton.next_power_of_2(C)))
-    return NC, BD, max(1, min(4, NC * BD // 32))
+    if interpret:
+        return max(1, min(2, triton.next_power_of_2(C))), min(d // 2, 8), 1
+    BD = min(d // 2, 64)
+    return max(1, min(128 // BD, triton.next_power_of_2(C))), BD, 1
