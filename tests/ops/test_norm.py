@@ -80,3 +80,43 @@ def test_module_runs_on_the_meta_device():
     """Shape-only passes (parameter counts, FLOP estimates) build models on the meta device."""
     y = RMSNorm(8).to("meta")(torch.empty(2, 3, 8, device="meta"))
     assert y.shape == (2, 3, 8) and y.is_meta
+
+
+@pytest.mark.parametrize("use", ["both", "norm only", "residual only"])
+def test_pair_adds_the_residual_gradient_in_the_kernel(use, device, poison):
+    """(norm(x), x) for a block x + f(norm(x)): x's gradient is the norm's plus the residual's, added by the
+    backward kernel, equal to autograd's sum on the PyTorch path; either output may go unused."""
+    poison(norm_triton)
+    x = (3 * torch.randn(3, 7, 40, device=device)).requires_grad_()
+    w = (1 + torch.randn(40, device=device)).requires_grad_()
+    f = torch.randn(40, 40, device=device)
+
+    def block(h, res):
+        parts = {"both": [res, h @ f], "norm only": [h @ f], "residual only": [2 * res]}[use]
+        return sum(parts)
+
+    h, res = norm_triton.rms_norm_pair_triton(x, w, 1e-6, torch.bfloat16)
+    assert h.dtype == torch.bfloat16 and torch.equal(res, x)
+    out = block(h.float(), res)
+    ref = block(rms_norm_naive(x, w, 1e-6, torch.bfloat16).float(), x)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (x, w), dout, allow_unused=True)
+    grads_ref = torch.autograd.grad(ref, (x, w), dout, allow_unused=True)
+    for got, want in zip(grads, grads_ref, strict=True):
+        if want is None:
+            assert got is None or not got.any()
+        else:
+            torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
+def test_module_pair_calls_the_module_when_hooked_and_returns_x_without_autograd():
+    norm = RMSNorm(16)
+    x = torch.randn(2, 16)
+    with torch.no_grad():
+        h, res = norm.pair(x)
+    assert res is x and torch.equal(h, norm(x))
+    seen = []
+    handle = norm.register_forward_hook(lambda m, args, out: seen.append(out))
+    h, res = norm.pair(x.requires_grad_())
+    handle.remove()
+    assert len(seen) == 1 and seen[0] is h and res is x

@@ -30,7 +30,8 @@ class Attention(nn.Module):
         """x + the mixer's output; inplace: x may be overwritten with it (see `add_projection`)."""
         B, T, D = x.shape
         H, d = self.n_heads, self.head_dim
-        u = self.in_proj(self.norm(x))
+        h, x = self.norm.pair(x)  # x's alias carries the residual (see RMSNorm.pair)
+        u = self.in_proj(h)
         if state is not None and T == 1:
             # one token per sequence, its position read on the device: the path a CUDA graph captures
             v, q, k = (t.view(B, H, d) for t in u[:, 0].split(D, dim=-1))

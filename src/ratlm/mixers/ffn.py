@@ -19,4 +19,5 @@ class FFN(nn.Module):
 
     def forward(self, x: Tensor, *, inplace: bool = False) -> Tensor:
         """x + fc2(gelu(fc1(norm(x)))); inplace: x may be overwritten with it (see `add_projection`)."""
-        return add_projection(x, F.gelu(self.fc1(self.norm(x))), self.fc2, inplace)
+        h, x = self.norm.pair(x)  # x's alias carries the residual (see RMSNorm.pair)
+        return add_projection(x, F.gelu(self.fc1(h)), self.fc2, inplace)

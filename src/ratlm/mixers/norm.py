@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..ops.norm import rms_norm
+from ..ops.norm import rms_norm, rms_norm_pair
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -23,3 +23,17 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # under autocast the next op is a matmul in the autocast dtype: round to it once, here
         return rms_norm(x, self.weight, self.eps, autocast_dtype(x.device.type) or x.dtype)
+
+    def pair(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(self(x), x) for a block x + f(norm(x)): use the second tensor for the residual, so that in
+        training on the GPU the norm's backward adds x's two gradients itself (`ops.norm.rms_norm_pair`).
+        With hooks on this module (or global ones) it calls the module, so they see the call."""
+        hooks = torch.nn.modules.module
+        if (
+            self._forward_hooks
+            or self._forward_pre_hooks
+            or hooks._global_forward_hooks
+            or hooks._global_forward_pre_hooks
+        ):
+            return self(x), x
+        return rms_norm_pair(x, self.weight, self.eps, autocast_dtype(x.device.type) or x.dtype)

@@ -42,7 +42,8 @@ class RAT(nn.Module):
         with the result (cached inference, see `add_projection`)."""
         B, T, D = x.shape
         d, G = self.head_dim, self.n_groups
-        u = self.in_proj(self.norm(x))
+        h, x = self.norm.pair(x)  # x's alias carries the residual (see RMSNorm.pair)
+        u = self.in_proj(h)
         if state is not None and T == 1:
             return self._step(x, u, state, inplace)
         z, v, g, q, k = (t.view(B, T, -1, d) for t in u.split([D, D, D, G * d, G * d], dim=-1))

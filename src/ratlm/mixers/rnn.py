@@ -30,7 +30,8 @@ class RNN(nn.Module):
     def forward(self, x: Tensor, state: RNNState | None = None, *, inplace: bool = False) -> Tensor:
         """x + the mixer's output; inplace: x may be overwritten with it (see `add_projection`)."""
         D, T = self.d_model, x.shape[1]
-        z, v, g = self.in_proj(self.norm(x)).split(D, dim=-1)
+        h, x = self.norm.pair(x)  # x's alias carries the residual (see RMSNorm.pair)
+        z, v, g = self.in_proj(h).split(D, dim=-1)
         g = torch.sigmoid(g.float() + self.gate_bias.float())
         if state is None:
             h = gated_scan(v, g)

@@ -4,6 +4,10 @@ Forward: y = x * rstd * w with rstd = 1 / sqrt(mean(x^2) + eps), stored in the o
 (4 bytes a row) for the backward. Backward: with xh = x * rstd and e = dy * w,
 dx = rstd * (e - xh * mean(e * xh)); the weight's gradient sum(dy * xh) over rows is accumulated per
 program in fp32 and the partials are summed afterwards (deterministic, no atomics).
+
+A block x + f(norm(x)) sends x two gradients, the residual's and the norm's; `rms_norm_pair_triton` hands
+back x's alias for the residual, so its backward gets both and adds them in the kernel, not in a separate
+pass of autograd (one fp32 read and write of [N, D] less per block).
 """
 
 from __future__ import annotations
@@ -36,8 +40,8 @@ def _rms_fwd_kernel(
 
 @triton.jit
 def _rms_bwd_kernel(
-    X, W, DY, RSTD, DX, DW, N, D, sx, sdy, sdx, rows_per_program,
-    ROWS: tl.constexpr, BD: tl.constexpr,
+    X, W, DY, RSTD, DRES, DX, DW, N, D, sx, sdy, sdres, sdx, rows_per_program,
+    ROWS: tl.constexpr, BD: tl.constexpr, HAS_RES: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     cols = tl.arange(0, BD)
@@ -55,6 +59,8 @@ def _rms_bwd_kernel(
         xh = x * rstd[:, None]
         e = dy * w[None, :]
         dx = rstd[:, None] * (e - xh * (tl.sum(e * xh, 1) / D)[:, None])
+        if HAS_RES:  # the residual's gradient, added here instead of by autograd
+            dx += tl.load(DRES + rows[:, None] * sdres + cols[None, :], mask=m, other=0.0).to(tl.float32)
         tl.store(DX + rows[:, None] * sdx + cols[None, :], round_to(dx, DX.dtype.element_ty), mask=m)
         dw += tl.sum(dy * xh, 0)
     tl.store(DW + pid * D + cols, dw, mask=cm)
@@ -77,42 +83,75 @@ def _rows_per_block(BD: int) -> int:
     return max(1, min(16, 4096 // BD))
 
 
+def _norm_fwd(ctx, x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype) -> Tensor:
+    x2 = _as_rows(x)
+    N, D = x2.shape
+    BD = triton.next_power_of_2(D)
+    ROWS = _rows_per_block(BD)
+    y = torch.empty(N, D, device=x.device, dtype=out_dtype)
+    rstd = torch.empty(N, device=x.device, dtype=torch.float32)
+    _rms_fwd_kernel[(triton.cdiv(N, ROWS),)](
+        x2, weight, y, rstd, N, D, x2.stride(0), y.stride(0), eps,
+        ROWS=ROWS, BD=BD, num_warps=4 if BD * ROWS <= 4096 else 8,
+    )  # fmt: skip
+    ctx.save_for_backward(x2, weight, rstd)
+    ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+    return y.view(x.shape)
+
+
+def _norm_bwd(ctx, dy: Tensor | None, dres: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    """x's gradient (the norm's plus dres, when given) and the weight's."""
+    x2, weight, rstd = ctx.saved_tensors
+    if dy is None:
+        return dres, None
+    N, D = x2.shape
+    dy2 = _as_rows(dy)
+    dres2 = None if dres is None else _as_rows(dres)
+    BD = triton.next_power_of_2(D)
+    ROWS = _rows_per_block(BD)
+    programs = min(_max_programs(x2.device), triton.cdiv(N, ROWS))
+    per = triton.cdiv(triton.cdiv(N, programs), ROWS) * ROWS
+    programs = triton.cdiv(N, per)
+    dx = torch.empty(N, D, device=x2.device, dtype=ctx.x_dtype)
+    dw = torch.empty(programs, D, device=x2.device, dtype=torch.float32)
+    _rms_bwd_kernel[(programs,)](
+        x2, weight, dy2, rstd, dy2 if dres2 is None else dres2, dx, dw, N, D,
+        x2.stride(0), dy2.stride(0), 0 if dres2 is None else dres2.stride(0), dx.stride(0), per,
+        ROWS=ROWS, BD=BD, HAS_RES=dres2 is not None, num_warps=4 if BD * ROWS <= 4096 else 8,
+    )  # fmt: skip
+    return dx.view(ctx.x_shape), dw.sum(0).to(weight.dtype)
+
+
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype) -> Tensor:
-        x2 = _as_rows(x)
-        N, D = x2.shape
-        BD = triton.next_power_of_2(D)
-        ROWS = _rows_per_block(BD)
-        y = torch.empty(N, D, device=x.device, dtype=out_dtype)
-        rstd = torch.empty(N, device=x.device, dtype=torch.float32)
-        _rms_fwd_kernel[(triton.cdiv(N, ROWS),)](
-            x2, weight, y, rstd, N, D, x2.stride(0), y.stride(0), eps,
-            ROWS=ROWS, BD=BD, num_warps=4 if BD * ROWS <= 4096 else 8,
-        )  # fmt: skip
-        ctx.save_for_backward(x2, weight, rstd)
-        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
-        return y.view(x.shape)
+        return _norm_fwd(ctx, x, weight, eps, out_dtype)
 
     @staticmethod
     def backward(ctx, dy: Tensor):
-        x2, weight, rstd = ctx.saved_tensors
-        N, D = x2.shape
-        dy2 = _as_rows(dy)
-        BD = triton.next_power_of_2(D)
-        ROWS = _rows_per_block(BD)
-        programs = min(_max_programs(x2.device), triton.cdiv(N, ROWS))
-        per = triton.cdiv(triton.cdiv(N, programs), ROWS) * ROWS
-        programs = triton.cdiv(N, per)
-        dx = torch.empty(N, D, device=x2.device, dtype=ctx.x_dtype)
-        dw = torch.empty(programs, D, device=x2.device, dtype=torch.float32)
-        _rms_bwd_kernel[(programs,)](
-            x2, weight, dy2, rstd, dx, dw, N, D, x2.stride(0), dy2.stride(0), dx.stride(0), per,
-            ROWS=ROWS, BD=BD, num_warps=4 if BD * ROWS <= 4096 else 8,
-        )  # fmt: skip
-        return dx.view(ctx.x_shape), dw.sum(0).to(weight.dtype), None, None
+        return *_norm_bwd(ctx, dy, None), None, None
+
+
+class _RMSNormPair(torch.autograd.Function):
+    """(norm(x), x): the second output is x for the residual, so both of x's gradients arrive here."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype):
+        return _norm_fwd(ctx, x, weight, eps, out_dtype), x
+
+    @staticmethod
+    def backward(ctx, dy: Tensor | None, dres: Tensor | None):
+        return *_norm_bwd(ctx, dy, dres), None, None
 
 
 def rms_norm_triton(x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype | None = None) -> Tensor:
     """`rms_norm` by the Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1)."""
     return _RMSNorm.apply(x, weight, eps, out_dtype or x.dtype)
+
+
+def rms_norm_pair_triton(
+    x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype | None = None
+) -> tuple[Tensor, Tensor]:
+    """`rms_norm_pair` by the Triton kernels: (norm(x), an alias of x whose gradient the norm's backward
+    adds to its own)."""
+    return _RMSNormPair.apply(x, weight, eps, out_dtype or x.dtype)
