@@ -47,15 +47,24 @@ if _interpreter is not None and hasattr(getattr(_interpreter, "ScanOps", None), 
 
 
 class _NanTorch:
-    """Stands in for `torch` inside a kernel module: `empty` returns NaN-filled floating-point tensors."""
+    """Stands in for `torch` inside a kernel module: `empty`, `empty_like` and `empty_strided` return
+    NaN-filled floating-point tensors."""
 
     def __getattr__(self, name):
         return getattr(torch, name)
 
     @staticmethod
-    def empty(*args, **kwargs):
-        x = torch.empty(*args, **kwargs)
+    def _nan(x):
         return x.fill_(float("nan")) if x.is_floating_point() else x
+
+    def empty(self, *args, **kwargs):
+        return self._nan(torch.empty(*args, **kwargs))
+
+    def empty_like(self, *args, **kwargs):
+        return self._nan(torch.empty_like(*args, **kwargs))
+
+    def empty_strided(self, *args, **kwargs):
+        return self._nan(torch.empty_strided(*args, **kwargs))
 
 
 @pytest.fixture

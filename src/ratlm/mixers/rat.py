@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from ..cache import RATState, shared_rope_table
 from ..config import ModelConfig
 from ..ops import rat_mix, rat_mix_cached
+from ..ops.packed import split_packed
 from ..ops.rat.decode import rat_decode
 from .norm import RMSNorm
 from .residual import add_projection
@@ -46,7 +47,8 @@ class RAT(nn.Module):
         u = self.in_proj(h)
         if state is not None and T == 1:
             return self._step(x, u, state, inplace)
-        z, v, g, q, k = (t.view(B, T, -1, d) for t in u.split([D, D, D, G * d, G * d], dim=-1))
+        # split without a concatenation in the backward: the GPU kernels write the five gradients into one
+        z, v, g, q, k = (t.view(B, T, -1, d) for t in split_packed(u, [D, D, D, G * d, G * d]))
         # the op applies both gates: sigmoid(g + gate_bias) in fp32 and the output gate sigmoid(z)
         args = (self.chunk_size, self.position, self.rope_base, d**-0.5)
         gates = dict(gate_bias=self.gate_bias, out_gate=z)

@@ -16,6 +16,8 @@ def _epilogue_supported(device: torch.device) -> bool:
     out_dtype, CUDA only, recent torch), tried once per device."""
     key = str(device)
     if key not in _EPILOGUE_OK:
+        if torch.cuda.is_current_stream_capturing():  # the probe reads its result back: not while capturing
+            return False
         try:
             a = torch.ones(2, 2, device=device, dtype=torch.bfloat16)
             out = torch.addmm(torch.ones(2, 2, device=device), a, a, out_dtype=torch.float32)

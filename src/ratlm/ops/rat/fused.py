@@ -15,6 +15,7 @@ import torch
 import triton
 from torch import Tensor
 
+from ..packed import packed_layout, packed_views
 from ..scan.kernel import unit_last_stride
 from .merge import merge_fwd, own_bwd
 from .scan_kernels import rat_scan_bwd, rat_scan_fwd, rope_tables
@@ -43,6 +44,8 @@ class RatChunkHeadsFunction(torch.autograd.Function):
         merge_fwd(qo, "bchld", vs, ks, "bthd", o, "heads", lse, "heads", unit, y, L, scale, z)
         ctx.save_for_backward(k, v, g, gate_bias, z, qo, vs, ks, vsum, ksum, o, lse)
         ctx.args = (L, rope, rope_base, scale, engine, state, q.dtype)
+        # q, k, v, g and z as slices of one projection's output: the gradients go into one such tensor
+        ctx.packed = packed_layout(q, k, v, g, z) if z is not None else None
         return y
 
     @staticmethod
@@ -54,12 +57,16 @@ class RatChunkHeadsFunction(torch.autograd.Function):
         cos, sin = rope_tables(C, d, rope_base, v.device) if rope else (None, None)
         dy = unit_last_stride(dy)
         unit = getattr(engine, "unit", 1.0)
+        outs = dz = None
+        if ctx.packed is not None:
+            _, (dq, dk, dv, dg, dz) = packed_views(ctx.packed, v.device)
+            outs = (dq, dk, dv, dg)
         dop = None
         if C > 1:  # padding rows of a partial last chunk must hold zeros, not garbage, for the engine
             alloc = torch.zeros if T % L else torch.empty
             dop = alloc(B, C, H, L, d, device=v.device, dtype=v.dtype)
         dqa, dvs, dks, _, dz = own_bwd(
-            qo, "bchld", vs, ks, "bthd", o, "heads", lse, "heads", unit, dy, L, scale, dop, z=z
+            qo, "bchld", vs, ks, "bthd", o, "heads", lse, "heads", unit, dy, L, scale, dop, z=z, dz=dz
         )
         dqb = dkp = dvp = None
         if C > 1:
@@ -70,7 +77,7 @@ class RatChunkHeadsFunction(torch.autograd.Function):
             dqb, dkp, dvp = engine.backward(dopp, qp, kp, vp, o, lse, state, scale)
         dq, dk, dv, dg, dbias = rat_scan_bwd(
             k, v, g, L, rope, cos, sin, dqa, "bthd", dqb, "heads", dvs, dks, "bthd",
-            dvp, dkp, "bhcd", C - 1, q_dtype, gate_bias,
+            dvp, dkp, "bhcd", C - 1, q_dtype, gate_bias, outs,
         )  # fmt: skip
         return dq, dk, dv, dg, dbias, dz, None, None, None, None, None
 

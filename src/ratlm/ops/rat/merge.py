@@ -93,6 +93,7 @@ def _own_bwd_kernel(
     sz_b, sz_c, sz_l, sz_h, sz_off,
     sp_b, sp_c, sp_l, sp_h, sp_off,
     sg_b, sg_c, sg_l, sg_h, sg_off,
+    sw_b, sw_c, sw_l, sw_h, sw_off,
     H: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, HAS_SUM: tl.constexpr, HAS_Z: tl.constexpr,
     WRITE_DOP: tl.constexpr, WRITE_DD: tl.constexpr,
 ):  # fmt: skip
@@ -121,7 +122,7 @@ def _own_bwd_kernel(
     if HAS_Z:  # dy is the gated output's gradient: z's gradient, then the ungated output's
         p_z = _token_ptrs(Z, sz_off, sz_b, sz_c, sz_l, sz_h, b, c, l, h)[:, None] + e
         gate = tl.sigmoid(tl.load(p_z, mask=m2, other=0.0).to(tl.float32))
-        p_g = _token_ptrs(DZ, sg_off, sg_b, sg_c, sg_l, sg_h, b, c, l, h)[:, None] + e
+        p_g = _token_ptrs(DZ, sw_off, sw_b, sw_c, sw_l, sw_h, b, c, l, h)[:, None] + e
         tl.store(p_g, round_to(dyf * y * gate * (1.0 - gate), DZ.dtype.element_ty), mask=m2)
         dy = round_to(dyf * gate, DY.dtype.element_ty)  # rounded as a separate multiply would round it
         dyf = dy.to(tl.float32)
@@ -174,19 +175,21 @@ def merge_fwd(qo, qo_layout, vs, ks, s_layout, o, o_layout, lse, lse_layout, uni
 
 def own_bwd(
     qo, qo_layout, vs, ks, s_layout, o, o_layout, lse, lse_layout, unit, dy, L, scale,
-    dop=None, dop_layout="bchld", want_dd=False, z=None,
+    dop=None, dop_layout="bchld", want_dd=False, z=None, dz=None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:  # fmt: skip
     """Own-key gradients (dq part, dv~, dk~ as [B, T, H, d] in the activation dtype), optionally writing dy
     into dop (the summary engine's layout) and D = rowsum(dy * y) as [B, H, T] fp32.
 
     With z (the output gate's logits, as given to merge_fwd), dy is the gated output's gradient: z's
-    gradient is returned last (else None) and everything else uses the ungated output's gradient."""
+    gradient is returned last (else None), written into dz when given ([B, T, H, d], any strides with a
+    unit last one), and everything else uses the ungated output's gradient."""
     B, T, H, d = dy.shape
     BM, warps = _rows(d)
     has_sum = o is not None
     dqa, dvs, dks = (torch.empty(B, T, H, d, device=dy.device, dtype=vs.dtype) for _ in range(3))
     dd = torch.empty(B, H, T, device=dy.device, dtype=torch.float32) if want_dd else None
-    dz = torch.empty(B, T, H, d, device=dy.device, dtype=z.dtype) if z is not None else None
+    if z is not None and dz is None:
+        dz = torch.empty(B, T, H, d, device=dy.device, dtype=z.dtype)
     zeros = (0,) * 5
     _own_bwd_kernel[(triton.cdiv(T, BM), B * H)](
         qo, ks, vs, o if has_sum else vs, dy, lse if has_sum else vs, z if z is not None else dy,
@@ -199,6 +202,7 @@ def own_bwd(
         *(token_strides(z, "bthd", L) if z is not None else zeros),
         *(token_strides(dop, dop_layout, L) if dop is not None else zeros),
         *token_strides(dqa, "bthd", L),
+        *(token_strides(dz, "bthd", L) if z is not None else zeros),
         H=H, D=d, BM=BM, HAS_SUM=has_sum, HAS_Z=z is not None, WRITE_DOP=dop is not None, WRITE_DD=want_dd,
         num_warps=warps,
     )  # fmt: skip

@@ -351,10 +351,13 @@ def rat_scan_fwd(
 
 def rat_scan_bwd(
     k, v, g, L, rope, cos, sin, dqa, dqa_layout, dqb, dqb_layout, dvs, dks, s_layout,
-    dvsum, dksum, sum_layout, n_sum, q_dtype, gate_bias=None,
+    dvsum, dksum, sum_layout, n_sum, q_dtype, gate_bias=None, out=None,
 ):  # fmt: skip
-    """Launch the backward scan; returns dq, dk [B, T, G, d], dv, dg [B, T, H, d] (contiguous) and the gate
-    bias's gradient (None without gate_bias; then g holds gates, with it logits, and dg is the logits')."""
+    """Launch the backward scan; returns dq, dk [B, T, G, d], dv, dg [B, T, H, d] and the gate bias's
+    gradient (None without gate_bias; then g holds gates, with it logits, and dg is the logits').
+
+    The four are new contiguous tensors, or the tensors of `out` = (dq, dk, dv, dg) written in place (any
+    strides with a unit last one; dv and dg with the same strides), e.g. views of one packed gradient."""
     B, T, H, d = v.shape
     G = k.shape[2]
     C = triton.cdiv(T, L)
@@ -365,16 +368,27 @@ def rat_scan_bwd(
 
         NC, BD, warps = seq_tile(C, d, INTERPRET, "bwd")
         grid = (triton.cdiv(C, NC), B * G, d // BD)  # BD channels of one half per program
-        dk_dtype = torch.float32  # the heads of a group add into it one after the other; cast at the end
     else:
         BT, M, BD = tile_shape(L, d, 1024)
         grid = (triton.cdiv(C, M), B * G, d // 2 // BD)  # BD channels of each half per program
         warps = 4 if BT * BD <= 512 else 8
-        dk_dtype = k.dtype
-    dq = torch.empty(B, T, G, d, device=v.device, dtype=q_dtype)
-    dk = torch.empty(B, T, G, d, device=v.device, dtype=dk_dtype)
-    dv = torch.empty(B, T, H, d, device=v.device, dtype=v.dtype)
-    dg = torch.empty(B, T, H, d, device=v.device, dtype=g.dtype)
+    if out is None:
+        out = (
+            torch.empty(B, T, G, d, device=v.device, dtype=q_dtype),
+            torch.empty(B, T, G, d, device=v.device, dtype=k.dtype),
+            torch.empty(B, T, H, d, device=v.device, dtype=v.dtype),
+            torch.empty(B, T, H, d, device=v.device, dtype=g.dtype),
+        )
+    elif out[2].stride() != out[3].stride() or any(t.stride(-1) != 1 for t in out):
+        raise ValueError("rat_scan_bwd: out's dv and dg need equal strides, and all a unit last stride")
+    if seq:  # dq, dv and dg written in place with their strides; the heads of a group add into an fp32 dk
+        dq, dv, dg = out[0], out[2], out[3]
+        dk = torch.empty(B, T, G, d, device=v.device, dtype=torch.float32)
+    else:  # the prefix-scan kernel writes contiguous tensors (copied into `out` after, if it is not)
+        dense = all(t.is_contiguous() for t in out)
+        dq, dk, dv, dg = (
+            out if dense else (torch.empty_like(t, memory_format=torch.contiguous_format) for t in out)
+        )
     # per (tile of chunks, batch row): the bias gradient of those rows, summed afterwards (no atomics)
     dbias = torch.empty(grid[0] * B, H * d, device=v.device, dtype=torch.float32) if logits else None
     tables = (cos if rope else v, sin if rope else v)
@@ -392,7 +406,7 @@ def rat_scan_bwd(
     if seq:
         BQ = 16 if INTERPRET else 32
         _dq_sum_kernel[(triton.cdiv(T, BQ), B * G)](
-            dqa, dqb if dqb is not None else dqa, *tables, dq, T, C, *dq_strides,
+            dqa, dqb if dqb is not None else dqa, *tables, dq, T, C, *dq_strides, *dq.stride()[:3],
             L=L, H=H, NG=G, HALF=d // 2, BT=BQ, ROPE=rope, HAS_DQB=dqb is not None, num_warps=4,
         )  # fmt: skip
         hist = torch.empty(
@@ -400,9 +414,10 @@ def rat_scan_bwd(
         )
         _rat_seq_bwd_kernel[grid](
             k, v, g, gate_bias if logits else v, *tables, dvs, dks, *sums,
-            dk, dv, dg, dbias if logits else dg, hist, T, C, n_sum, *state_strides, L=L, NC=NC, **flags,
+            dk, dv, dg, dbias if logits else dg, hist, T, C, n_sum,
+            *state_strides[:9], *dv.stride()[:3], *state_strides[9:], L=L, NC=NC, **flags,
         )  # fmt: skip
-        dk = dk.to(k.dtype)
+        out[1].copy_(dk)
     else:
         _rat_scan_bwd_kernel[grid](
             k, v, g, gate_bias if logits else v, *tables, dqa, dqb if dqb is not None else dqa, dvs, dks,
@@ -410,5 +425,8 @@ def rat_scan_bwd(
             T, L, M, C, n_sum, *state_strides[:9], *dq_strides, *state_strides[9:],
             BT=BT, HAS_DQB=dqb is not None, **flags,
         )  # fmt: skip
+        if not dense:
+            for target, t in zip(out, (dq, dk, dv, dg), strict=True):
+                target.copy_(t)
     dbias = dbias.sum(0).to(gate_bias.dtype).view(gate_bias.shape) if logits else None
-    return dq, dk, dv, dg, dbias
+    return (*out, dbias)

@@ -120,7 +120,7 @@ def _rat_seq_fwd_kernel(
 def _rat_seq_bwd_kernel(
     K, V, G, BIAS, COS, SIN, DVS, DKS, DVSUM, DKSUM, DK, DV, DG, DBIAS, HIST,
     T, C, n_sum,
-    sk_b, sk_t, sk_g, sv_b, sv_t, sv_h, sg_b, sg_t, sg_h,
+    sk_b, sk_t, sk_g, sv_b, sv_t, sv_h, sg_b, sg_t, sg_h, sd_b, sd_t, sd_h,
     ss_b, ss_c, ss_l, ss_h, ss_off,
     su_b, su_c, su_h, su_off,
     L: tl.constexpr, H: tl.constexpr, NG: tl.constexpr, HALF: tl.constexpr, NC: tl.constexpr,
@@ -142,7 +142,7 @@ def _rat_seq_bwd_kernel(
     cos, sin = _rope_of_chunks(COS, SIN, c, C, (i % HALF)[None, :], HALF, ROPE)
     sin = sign * sin
     m_end = ((c < n_sum) & ((c + 1) * L <= T))[:, None]  # chunk ends whose summary a later chunk read
-    W = H * 2 * HALF  # elements per token of the [B, T, H, d] outputs
+    W = H * 2 * HALF  # elements per token of the bias gradient's partial sums
     WG = NG * 2 * HALF  # and of the [B, T, G, d] ones
     # this program's scratch: the fp32 states before each token of its tile, [L, 2, NC, BD]; it stays in
     # cache and costs no traffic to speak of. The barriers below order its writes before its reads (and a
@@ -207,7 +207,7 @@ def _rat_seq_bwd_kernel(
             dhv = dv + gn * dhv
             dhk = dr + gn * dhk
             g = _gate_of(g_raw, m2, bias, LOGITS)
-            row_o = b * T * W + tok[:, None] * W + h * 2 * HALF + col
+            row_o = b * sd_b + tok[:, None] * sd_t + h * sd_h + col  # dv and dg share their strides
             tl.store(DV + row_o, round_to((1.0 - g) * dhv, DV.dtype.element_ty), mask=m2)
             dg = dhv * (pv - v.to(tl.float32)) + dhk * (pk - k.to(tl.float32))
             if LOGITS:  # through the sigmoid; masked rows add nothing to the bias sums
@@ -229,6 +229,7 @@ def _dq_sum_kernel(
     DQA, DQB, COS, SIN, DQ, T, C,
     sa_b, sa_c, sa_l, sa_h, sa_off,
     sb_b, sb_c, sb_l, sb_h, sb_off,
+    sq_b, sq_t, sq_g,
     L: tl.constexpr, H: tl.constexpr, NG: tl.constexpr, HALF: tl.constexpr, BT: tl.constexpr,
     ROPE: tl.constexpr, HAS_DQB: tl.constexpr,
 ):  # fmt: skip
@@ -257,7 +258,7 @@ def _dq_sum_kernel(
     if ROPE:  # the transpose of the rotation at the chunk index
         cos, sin = _rope_of_chunks(COS, SIN, c, C, e, HALF, ROPE)
         acc1, acc2 = acc1 * cos + acc2 * sin, acc2 * cos - acc1 * sin
-    row_q = b * T * NG * 2 * HALF + tok[:, None] * NG * 2 * HALF + grp * 2 * HALF + e
+    row_q = b * sq_b + tok[:, None] * sq_t + grp * sq_g + e
     tl.store(DQ + row_q, round_to(acc1, DQ.dtype.element_ty), mask=m2)
     tl.store(DQ + row_q + HALF, round_to(acc2, DQ.dtype.element_ty), mask=m2)
 
