@@ -29,11 +29,13 @@ def packed_layout(*pieces: Tensor) -> tuple | None:
     for t in pieces:
         trailing = t.shape[lead:]
         n = trailing.numel()
-        compact = torch.empty(trailing, device="meta").stride()
+        compact = tuple(trailing[i + 1 :].numel() for i in range(len(trailing)))  # row-major strides
         offset = t.storage_offset() - base.storage_offset()
-        if t.shape[:lead] != base.shape[:lead] or t.stride()[:lead] != base.stride()[:lead]:
+        if t.shape[:lead] != base.shape[:lead] or not _same_strides(
+            t.shape, t.stride(), base.stride()[:lead] + compact
+        ):
             return None
-        if t.stride()[lead:] != compact or not 0 <= offset <= width - n:
+        if not 0 <= offset <= width - n:
             return None
         spans.append((offset, offset + n))
         views.append((tuple(t.shape), t.stride(), offset))
@@ -81,7 +83,11 @@ def _as_one(grads, shape, stride, sizes) -> Tensor | None:
     start = grads[0].storage_offset()
     column = 0
     for g, n in zip(grads, sizes, strict=True):
-        if g.untyped_storage().data_ptr() != storage or g.stride() != stride or g.shape[-1] != n:
+        if (
+            g.untyped_storage().data_ptr() != storage
+            or tuple(g.shape) != (*shape[:-1], n)
+            or not _same_strides(g.shape, g.stride(), stride)
+        ):
             return None
         if g.storage_offset() != start + column:
             return None
@@ -90,6 +96,11 @@ def _as_one(grads, shape, stride, sizes) -> Tensor | None:
     if whole.untyped_storage().nbytes() < (start + _extent(shape, stride)) * whole.element_size():
         return None
     return whole
+
+
+def _same_strides(shape, a, b) -> bool:
+    """Equal strides along every dimension longer than 1 (a dimension of size 1 may have any stride)."""
+    return len(a) == len(b) and all(n == 1 or x == y for n, x, y in zip(shape, a, b, strict=False))
 
 
 def _extent(shape, stride) -> int:

@@ -45,7 +45,8 @@ class RatChunkHeadsFunction(torch.autograd.Function):
         ctx.save_for_backward(k, v, g, gate_bias, z, qo, vs, ks, vsum, ksum, o, lse)
         ctx.args = (L, rope, rope_base, scale, engine, state, q.dtype)
         # q, k, v, g and z as slices of one projection's output: the gradients go into one such tensor
-        ctx.packed = packed_layout(q, k, v, g, z) if z is not None else None
+        wants = z is not None and any(ctx.needs_input_grad[:6])
+        ctx.packed = packed_layout(q, k, v, g, z) if wants else None
         return y
 
     @staticmethod
