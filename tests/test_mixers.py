@@ -281,16 +281,17 @@ def test_add_projection_calls_a_wrapped_projection_instead_of_reading_its_weight
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
 def test_add_projection_adds_in_the_gemm_epilogue_under_autocast(half, monkeypatch):
-    """Mixed precision on CUDA: one GEMM with an fp32 output adds the residual; output and the gradients of
-    x, y and the weight match autocast's linear plus add (the product is no longer rounded to half first);
-    a hook on the projection, or RATLM_BACKEND=torch, gets the plain path."""
+    """Mixed precision on CUDA: one GEMM with an fp32 output adds the fp32 residual; x stays fp32 (it is
+    far from 0, so rounding it to half would show), the product equals fp32 arithmetic on the half operands,
+    and the gradients of x, y and the weight equal autocast's linear plus add; a hook on the projection, or
+    RATLM_BACKEND=torch, gets the plain path."""
     from ratlm.mixers import residual
     from ratlm.ops import backend
 
-    if not residual._epilogue_supported(torch.device("cuda")):
+    if not residual._epilogue_supported(torch.device("cuda"), half):
         pytest.skip("this torch has no addmm out_dtype")
     proj = torch.nn.Linear(256, 128, bias=False, device="cuda")
-    x = torch.randn(4, 33, 128, device="cuda", requires_grad=True)
+    x = (1000 + torch.randn(4, 33, 128, device="cuda")).requires_grad_()
     y = torch.randn(4, 33, 256, device="cuda").to(half).requires_grad_()
     dout = torch.randn(4, 33, 128, device="cuda")
     calls = []
@@ -303,29 +304,46 @@ def test_add_projection_adds_in_the_gemm_epilogue_under_autocast(half, monkeypat
         return [out, *torch.autograd.grad(out, (x, y, proj.weight), dout)]
 
     fused = run()
-    assert calls == [1]
+    assert calls == [1] and fused[0].dtype == torch.float32
+    product = y.detach().float() @ proj.weight.detach().to(half).float().T
+    torch.testing.assert_close(fused[0].detach() - x.detach(), product, rtol=1e-4, atol=1e-3)
     with torch.autocast("cuda", dtype=half):
         ref = x + proj(y)
     plain = [ref, *torch.autograd.grad(ref, (x, y, proj.weight), dout)]
-    for name, a, b in zip(["out", "dx", "dy", "dw"], fused, plain, strict=True):
+    for name, a, b in zip(["dx", "dy", "dw"], fused[1:], plain[1:], strict=True):
         assert a.dtype == b.dtype and a.shape == b.shape, name
-        # the plain path rounds the product to half before the add: its error, at most
-        torch.testing.assert_close(a, b, rtol=1e-2, atol=2e-2, msg=lambda m, n=name: f"{n}: {m}")
-    handle = proj.register_forward_hook(lambda *args: None)
-    run()
-    handle.remove()
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+    for hook in (
+        proj.register_forward_hook(lambda *args: None),
+        proj.register_full_backward_hook(lambda *a: None),
+    ):
+        run()
+        hook.remove()
     with backend.use_backend("torch"):
         run()
     assert calls == [1]
 
 
-def test_add_projection_epilogue_is_off_without_cuda_or_autocast():
+def test_add_projection_epilogue_is_off_without_cuda_or_autocast(monkeypatch):
     """On the CPU (no addmm out_dtype there) and outside autocast the residual is the plain x + proj(y)."""
     from ratlm.mixers import residual
 
+    monkeypatch.setattr(residual, "_EPILOGUE_OK", {})
     proj = torch.nn.Linear(6, 4, bias=False)
     x, y = torch.randn(3, 4), torch.randn(3, 6)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = residual.add_projection(x, y.bfloat16(), proj)
     assert out.dtype == torch.float32 and not residual._EPILOGUE_OK
     torch.testing.assert_close(residual.add_projection(x, y, proj), x + y @ proj.weight.T)
+
+
+def test_backward_hooks_on_the_norm_and_projection_still_fire():
+    """A block that reads its norm's or projection's weights directly calls the module instead when a
+    backward hook is registered on it."""
+    ffn = FFN(config())
+    seen = []
+    for name in ("norm", "fc2"):
+        getattr(ffn, name).register_full_backward_hook(lambda m, gi, go, n=name: seen.append(n))
+    x = torch.randn(B, 5, D, requires_grad=True)
+    ffn(x).sum().backward()
+    assert sorted(seen) == ["fc2", "norm"]

@@ -109,14 +109,28 @@ def test_pair_adds_the_residual_gradient_in_the_kernel(use, device, poison):
             torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
 
 
-def test_module_pair_calls_the_module_when_hooked_and_returns_x_without_autograd():
+def test_norm_pair_calls_the_module_when_hooked_and_returns_x_without_autograd():
+    from ratlm.mixers.norm import norm_pair
+
     norm = RMSNorm(16)
     x = torch.randn(2, 16)
     with torch.no_grad():
-        h, res = norm.pair(x)
+        h, res = norm_pair(norm, x)
     assert res is x and torch.equal(h, norm(x))
     seen = []
     handle = norm.register_forward_hook(lambda m, args, out: seen.append(out))
-    h, res = norm.pair(x.requires_grad_())
+    h, res = norm_pair(norm, x.requires_grad_())
     handle.remove()
     assert len(seen) == 1 and seen[0] is h and res is x
+    h, res = norm_pair(torch.nn.LayerNorm(16), x)  # any other norm is called
+    assert res is x and h.shape == x.shape
+
+
+def test_pair_refuses_double_backward(device):
+    """The kernels' backward is first-order: asking for a second derivative raises, never a wrong one."""
+    x = torch.randn(3, 32, device=device, requires_grad=True)
+    w = torch.ones(32, device=device, requires_grad=True)
+    h, res = norm_triton.rms_norm_pair_triton(x, w, 1e-6)
+    (gx,) = torch.autograd.grad((h * h).sum() + (res * res).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|differentiate"):
+        torch.autograd.grad(gx.sum(), x)

@@ -5,11 +5,21 @@ import pytest
 import torch
 
 from ratlm.ops import packed
-from ratlm.ops.packed import packed_layout, split_packed
+from ratlm.ops.packed import packed_layout
 from ratlm.ops.rat import gpu
 from ratlm.ops.rat.masked import rat_mix_masked
 
 SIZES = [12, 12, 12, 6, 6]  # like RAT's z, v, g, q, k: 2 heads of 6 channels, one key group
+
+
+def split_packed(u, sizes):
+    """`ops.packed.split_packed`'s GPU-path split, which it takes only for CUDA tensors."""
+    return packed._Split.apply(u, sizes)
+
+
+def test_split_packed_is_torch_split_off_the_gpu_path():
+    u = torch.randn(2, 5, sum(SIZES), requires_grad=True)
+    assert all(t.grad_fn.name().startswith("SplitWithSizes") for t in packed.split_packed(u, SIZES))
 
 
 def test_split_packed_matches_split_forward_and_backward():
@@ -38,14 +48,20 @@ def test_packed_layout_accepts_a_whole_split_and_refuses_anything_else():
     assert packed_layout(*t.split(SIZES, dim=-1)) is None  # not contiguous
 
 
-@pytest.mark.parametrize("L, T", [(4, 24), (4, 21), (32, 70)])  # short-chunk and prefix-scan kernels
-def test_rat_core_writes_the_gradients_into_one_packed_tensor(L, T, device, monkeypatch, poison):
+# short-chunk and prefix-scan kernels, partial chunks, batch and groups, RoPE or none
+@pytest.mark.parametrize(
+    "B, G, L, T, position",
+    [(1, 1, 4, 24, "rope"), (2, 2, 4, 21, "rope"), (1, 1, 32, 70, "rope"), (2, 1, 4, 13, "nope")],
+)
+def test_rat_core_writes_the_gradients_into_one_packed_tensor(
+    B, G, L, T, position, device, monkeypatch, poison
+):
     """The chunks-as-heads core, given q, k, v, logits and z as views of one projection, writes their
     gradients into one tensor that split_packed hands back as is; the gradient equals the reference's."""
     from ratlm.ops.rat import fused, merge, scan_kernels
 
     poison(fused, merge, scan_kernels, packed)
-    B, H, G, d = 1, 3, 1, 8
+    H, d = 4, 8
     D = H * d
     sizes = [D, D, D, G * d, G * d]
     u = torch.randn(B, T, sum(sizes), device=device, requires_grad=True)
@@ -57,7 +73,7 @@ def test_rat_core_writes_the_gradients_into_one_packed_tensor(L, T, device, monk
 
     def run(split, fn, **kw):
         z, v, g, q, k = (t.view(B, T, -1, d) for t in split(u, sizes))
-        y = fn(q, k, v, g, L, gate_bias=bias, out_gate=z, **kw)
+        y = fn(q, k, v, g, L, position, gate_bias=bias, out_gate=z, **kw)
         return torch.autograd.grad(y, (u, bias), dy)
 
     got = run(split_packed, gpu.rat_mix_triton, engine="torch")

@@ -375,3 +375,13 @@ def test_prefill_cache_by_scan_equals_the_pytorch_fill(device, scan_variant, L, 
     if T >= L:  # a cache without room for the summaries: refused, never overrun
         with pytest.raises(ValueError, match="room for"):
             fill_cache_by_scan(k, v, gate, short, L, position, gate_bias=bias)
+
+
+def test_pinned_scan_tiles_are_checked(monkeypatch):
+    """A benchmark's pinned tile must split each half of the head vector into whole blocks."""
+    from ratlm.ops.rat import scan_seq
+
+    monkeypatch.setattr(scan_seq, "TILES", {"bwd": (2, 48, 1)})
+    with pytest.raises(ValueError, match=r"TILES\['bwd'\] = \(2, 48, 1\): BD must divide d/2 = 64"):
+        scan_seq.seq_tile(100, 128, False, "bwd")
+    assert scan_seq.seq_tile(100, 128, False, "fwd") == (2, 64, 1)  # the default: one warp, 64-channel rows

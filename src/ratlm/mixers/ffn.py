@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ModelConfig
-from .norm import RMSNorm
+from .norm import RMSNorm, norm_pair
 from .residual import add_projection
 
 
@@ -19,5 +19,5 @@ class FFN(nn.Module):
 
     def forward(self, x: Tensor, *, inplace: bool = False) -> Tensor:
         """x + fc2(gelu(fc1(norm(x)))); inplace: x may be overwritten with it (see `add_projection`)."""
-        h, x = self.norm.pair(x)  # x's alias carries the residual (see RMSNorm.pair)
+        h, x = norm_pair(self.norm, x)  # x's alias carries the residual (see RMSNorm.pair)
         return add_projection(x, F.gelu(self.fc1(h)), self.fc2, inplace)

@@ -12,7 +12,7 @@ from ..config import ModelConfig
 from ..ops import rat_mix, rat_mix_cached
 from ..ops.packed import split_packed
 from ..ops.rat.decode import rat_decode
-from .norm import RMSNorm
+from .norm import RMSNorm, norm_pair
 from .residual import add_projection
 
 
@@ -43,7 +43,7 @@ class RAT(nn.Module):
         with the result (cached inference, see `add_projection`)."""
         B, T, D = x.shape
         d, G = self.head_dim, self.n_groups
-        h, x = self.norm.pair(x)  # x's alias carries the residual (see RMSNorm.pair)
+        h, x = norm_pair(self.norm, x)  # x's alias carries the residual (see RMSNorm.pair)
         u = self.in_proj(h)
         if state is not None and T == 1:
             return self._step(x, u, state, inplace)

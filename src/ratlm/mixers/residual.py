@@ -6,28 +6,31 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.backend import fast_path_wanted
-from .norm import autocast_dtype
+from .norm import autocast_dtype, bypassable
 
-_EPILOGUE_OK: dict[str, bool] = {}
+_EPILOGUE_OK: dict[tuple[str, torch.dtype], bool] = {}
 
 
-def _epilogue_supported(device: torch.device) -> bool:
-    """Whether torch multiplies bf16 matrices into an fp32 output with an fp32 addend here (torch.addmm's
-    out_dtype, CUDA only, recent torch), tried once per device."""
-    key = str(device)
+def _epilogue_supported(device: torch.device, half: torch.dtype) -> bool:
+    """Whether torch multiplies `half` matrices into an fp32 output with an fp32 addend here, keeping the
+    addend in fp32 (torch.addmm's out_dtype: CUDA only, recent torch), tried once per device and dtype."""
+    key = (str(device), half)
     if key not in _EPILOGUE_OK:
         if torch.cuda.is_current_stream_capturing():  # the probe reads its result back: not while capturing
             return False
         try:
-            a = torch.ones(2, 2, device=device, dtype=torch.bfloat16)
-            out = torch.addmm(torch.ones(2, 2, device=device), a, a, out_dtype=torch.float32)
-            _EPILOGUE_OK[key] = out.dtype == torch.float32 and bool((out == 3).all())
-        except (RuntimeError, TypeError):
+            a = torch.ones(2, 2, device=device, dtype=half)
+            x = torch.full((2, 2), 1 + 2**-20, device=device)  # fp32, not representable in half
+            out = torch.addmm(x, a, a, out_dtype=torch.float32)
+            _EPILOGUE_OK[key] = out.dtype == torch.float32 and bool((out == 3 + 2**-20).all())
+        except torch.cuda.OutOfMemoryError:  # not a verdict: try again next time
+            return False
+        except (RuntimeError, TypeError, NotImplementedError):
             _EPILOGUE_OK[key] = False
     return _EPILOGUE_OK[key]
 
 
-class _AddProjection(torch.autograd.Function):
+class _AddProjection(torch.autograd.Function):  # first-order only: double backward raises
     """x + y @ w.T for an fp32 x [N, D], y [N, D_in] in a half dtype and w [D, D_in] (cast to y's dtype): one
     GEMM that adds x in its epilogue and writes fp32, where autocast would write the product in y's dtype and
     add it to x in a second pass. The product is not rounded to the half dtype before the add (the sum is
@@ -41,6 +44,7 @@ class _AddProjection(torch.autograd.Function):
         return torch.addmm(x, y, wc.t(), out_dtype=torch.float32)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dout: Tensor):
         y, wc = ctx.saved_tensors
         d = dout.to(y.dtype)
@@ -49,21 +53,14 @@ class _AddProjection(torch.autograd.Function):
         return dout, dy, dw
 
 
-def _hooks(proj: nn.Module) -> bool:
-    hooks = torch.nn.modules.module
-    return bool(
-        proj._forward_hooks or proj._forward_pre_hooks or hooks._global_forward_hooks
-        or hooks._global_forward_pre_hooks
-    )  # fmt: skip
-
-
 def add_projection(x: Tensor, y: Tensor, proj: nn.Linear, inplace: bool = False) -> Tensor:
     """x + proj(y) for x [..., D] and y [..., D_in] with the same leading shape.
 
     Under half-precision autocast on CUDA with an fp32 residual stream x (mixed-precision training and
     prefill), one GEMM adds x in its epilogue (`_AddProjection`): about 1.5 ms less per layer at 262,144
     tokens and D 2048 on an H200. Not under torch.compile (which fuses the add itself), with
-    RATLM_BACKEND=torch, with hooks on proj, or where torch lacks addmm's out_dtype.
+    RATLM_BACKEND=torch, with hooks on proj or anything but a plain nn.Linear, or where torch lacks addmm's
+    out_dtype.
 
     With inplace=True (cached inference: LanguageModel.forward passes it with a cache and without autograd)
     the product is accumulated into x's own memory (one GEMM with beta = 1) and x is returned: one kernel
@@ -87,12 +84,11 @@ def add_projection(x: Tensor, y: Tensor, proj: nn.Linear, inplace: bool = False)
     if (
         half in (torch.bfloat16, torch.float16)
         and x.dtype == torch.float32
-        and type(proj) is nn.Linear
+        and bypassable(proj, nn.Linear)
         and proj.bias is None
         and not torch.compiler.is_compiling()
         and fast_path_wanted(x, y)
-        and not _hooks(proj)
-        and _epilogue_supported(x.device)
+        and _epilogue_supported(x.device, half)
     ):
         y2 = y.reshape(-1, y.shape[-1]).to(half)
         return _AddProjection.apply(x.reshape(-1, x.shape[-1]), y2, proj.weight).view(x.shape)

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from ..cache import RNNState, advance, move_to
 from ..config import ModelConfig
 from ..ops import gated_scan
-from .norm import RMSNorm
+from .norm import RMSNorm, norm_pair
 from .residual import add_projection
 
 
@@ -30,7 +30,7 @@ class RNN(nn.Module):
     def forward(self, x: Tensor, state: RNNState | None = None, *, inplace: bool = False) -> Tensor:
         """x + the mixer's output; inplace: x may be overwritten with it (see `add_projection`)."""
         D, T = self.d_model, x.shape[1]
-        h, x = self.norm.pair(x)  # x's alias carries the residual (see RMSNorm.pair)
+        h, x = norm_pair(self.norm, x)  # x's alias carries the residual (see RMSNorm.pair)
         z, v, g = self.in_proj(h).split(D, dim=-1)
         g = torch.sigmoid(g.float() + self.gate_bias.float())
         if state is None:

@@ -36,13 +36,18 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype | Non
 def rms_norm_pair(
     x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype | None = None
 ) -> tuple[Tensor, Tensor]:
-    """(rms_norm(x, ...), x) for a block x + f(norm(x)): use the second tensor for the residual. With autograd
-    on the Triton path, x's two gradients are then added inside the norm's backward kernel; otherwise the
-    second tensor is x itself."""
+    """(rms_norm(x, ...), x) for a block x + f(norm(x)): use the second tensor for the residual. When x
+    needs a gradient on the Triton path, x's two gradients are then added inside the norm's backward
+    kernel; otherwise the second tensor is x itself."""
     if x.shape[-1] != weight.shape[-1] or weight.dim() != 1:
         raise ValueError(f"weight must be [D] = [{x.shape[-1]}], got {tuple(weight.shape)}")
-    wants_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    if wants_grad and not torch.compiler.is_compiling() and fast_path_wanted(x, weight) and x.numel() > 0:
+    if (
+        torch.is_grad_enabled()
+        and x.requires_grad
+        and not torch.compiler.is_compiling()
+        and fast_path_wanted(x, weight)
+        and x.numel() > 0
+    ):
         from .norm_triton import rms_norm_pair_triton
 
         return rms_norm_pair_triton(x, weight, eps, out_dtype)

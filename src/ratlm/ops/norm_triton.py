@@ -128,6 +128,7 @@ class _RMSNorm(torch.autograd.Function):
         return _norm_fwd(ctx, x, weight, eps, out_dtype)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the kernels' backward is not differentiable again
     def backward(ctx, dy: Tensor):
         return *_norm_bwd(ctx, dy, None), None, None
 
@@ -140,6 +141,7 @@ class _RMSNormPair(torch.autograd.Function):
         return _norm_fwd(ctx, x, weight, eps, out_dtype), x
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dy: Tensor | None, dres: Tensor | None):
         return *_norm_bwd(ctx, dy, dres), None, None
 

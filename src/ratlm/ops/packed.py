@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .backend import fast_path_wanted
+
 
 def packed_layout(*pieces: Tensor) -> tuple | None:
     """(shape, stride, dtype, [(shape, stride, offset)] per piece) when the pieces are last-dimension slices
@@ -108,7 +110,10 @@ def _extent(shape, stride) -> int:
 
 
 def split_packed(u: Tensor, sizes: list[int]) -> tuple[Tensor, ...]:
-    """`u.split(sizes, dim=-1)` whose backward skips the concatenation when it can (see the module)."""
+    """`u.split(sizes, dim=-1)` whose backward skips the concatenation when it can (see the module): in
+    eager autograd on the GPU path; elsewhere (no kernel writes packed gradients there) torch's split."""
     if torch.compiler.is_compiling() or not (torch.is_grad_enabled() and u.requires_grad):
+        return tuple(u.split(sizes, dim=-1))
+    if not fast_path_wanted(u):
         return tuple(u.split(sizes, dim=-1))
     return _Split.apply(u, sizes)

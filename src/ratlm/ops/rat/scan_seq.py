@@ -146,7 +146,7 @@ def _rat_seq_bwd_kernel(
     WG = NG * 2 * HALF  # and of the [B, T, G, d] ones
     # this program's scratch: the fp32 states before each token of its tile, [L, 2, NC, BD]; it stays in
     # cache and costs no traffic to speak of. The barriers below order its writes before its reads (and a
-    # head's stores into DQ and DK before the next head reads them back): do not remove them
+    # head's stores into DK before the next head reads them back): do not remove them
     pid = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)
     tile = tl.arange(0, NC)[:, None] * BD + tl.arange(0, BD)[None, :]
     hist = HIST + pid.to(tl.int64) * (L * 2 * NC * BD) + tile
@@ -345,7 +345,10 @@ def seq_tile(C: int, d: int, interpret: bool, kind: str = "fwd") -> tuple[int, i
     The forward takes BD channels from each half of the head vector, the backward BD channels of one half.
     """
     if kind in TILES and not interpret:
-        return TILES[kind]
+        NC, BD, warps = TILES[kind]
+        if BD < 1 or (d // 2) % BD or NC < 1 or warps < 1:
+            raise ValueError(f"scan_seq.TILES[{kind!r}] = {TILES[kind]}: BD must divide d/2 = {d // 2}")
+        return NC, BD, warps
     if interpret:
         return max(1, min(2, triton.next_power_of_2(C))), min(d // 2, 8), 1
     BD = min(d // 2, 64)
