@@ -385,3 +385,13 @@ def test_pinned_scan_tiles_are_checked(monkeypatch):
     with pytest.raises(ValueError, match=r"TILES\['bwd'\] = \(2, 48, 1\): BD must divide d/2 = 64"):
         scan_seq.seq_tile(100, 128, False, "bwd")
     assert scan_seq.seq_tile(100, 128, False, "fwd") == (2, 64, 1)  # the default: one warp, 64-channel rows
+
+
+@pytest.mark.parametrize("engine", ["torch", "triton"])
+def test_second_derivative_raises(engine, device):
+    """The kernels' backward is first-order: a second derivative is an error, never silently wrong."""
+    leaves = gated_inputs(1, 12, 2, 16, device)
+    out = call_gated(gpu.rat_mix_triton, leaves, 4, engine=engine)
+    (gq,) = torch.autograd.grad((out * out).sum(), leaves[0], create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|differentiate"):
+        torch.autograd.grad(gq.sum(), leaves[0])

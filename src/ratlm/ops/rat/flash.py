@@ -218,6 +218,7 @@ class RatFlashFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # Triton kernels: a second derivative raises
     def backward(ctx, dy):
         k, v, g, gate_bias, qo, vs, ks, vsum, ksum, y, lse = ctx.saved_tensors
         L, rope, rope_base, scale, q_dtype = ctx.args

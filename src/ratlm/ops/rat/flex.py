@@ -70,6 +70,7 @@ class RatScanExtFunction(torch.autograd.Function):
         return qt, kx, vx
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # Triton kernels: a second derivative raises
     def backward(ctx, dqt, dkx, dvx):
         k, v, g, gate_bias = ctx.saved_tensors
         L, rope, rope_base, Cp, q_dtype = ctx.args

@@ -50,6 +50,7 @@ class RatChunkHeadsFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # Triton kernels: a second derivative raises
     def backward(ctx, dy):
         k, v, g, gate_bias, z, qo, vs, ks, vsum, ksum, o, lse = ctx.saved_tensors
         L, rope, rope_base, scale, engine, state, q_dtype = ctx.args

@@ -170,6 +170,7 @@ class GatedScanFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # Triton kernels: a second derivative raises
     def backward(ctx, dout):
         x, g, h0, out = ctx.saved_tensors
         dx, dg, dh0 = scan_bwd(x, g, ctx.chunk_size, h0, ctx.offset, out, dout)
