@@ -61,7 +61,6 @@ class _RoPE(torch.autograd.Function):
         return _rotate(x, cos_half, sin_half, 1)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # Triton kernels: a second derivative raises
     def backward(ctx, dy: Tensor):
         cos_half, sin_half = ctx.saved_tensors
         return _rotate(dy, cos_half, sin_half, -1), None, None
