@@ -4,9 +4,12 @@ For RAT (L=16, default engine) and attention at the benchmark's shape (D 2048, 1
 262,144 tokens per call, bf16 autocast over fp32 weights), at T = 4096 and 131072: per kernel the total
 CUDA time and the number of launches, largest first. Writes $OUT/profile_layer.json and a text table to
 stdout. Timings come from the profiler (one profiled call after two warm-up calls), so they carry its
-overhead; `ratlm bench layer` gives the clean numbers.
+overhead; `ratlm bench layer` gives the clean numbers. Each entry also has the call's wall time (median of 5
+CUDA-event timings, unprofiled) and the difference to the kernels' sum: time the GPU waits for the host.
+`--trace` writes a Chrome trace per configuration ($OUT/trace-<kind>-<T>-<mode>.json) to see where.
 
     PYTHONPATH=src python benchmarks/profile_layer.py [--lengths 4096,131072] [--kinds rat,attention]
+        [--modes train,prefill] [--trace]
 """
 
 from __future__ import annotations
@@ -18,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from ratlm.bench.layer import LayerBench, _config, _layer, kernel_times, layer_step
+from ratlm.bench.layer import LayerBench, _config, _layer, kernel_times, layer_step, time_ms
 
 
-def profile_one(kind: str, T: int, mode: str, top: int) -> dict:
+def profile_one(kind: str, T: int, mode: str, top: int, trace: Path | None = None) -> dict:
     bench = LayerBench()
     B = max(1, bench.tokens // T)
     torch.manual_seed(0)
@@ -31,9 +34,11 @@ def profile_one(kind: str, T: int, mode: str, top: int) -> dict:
     for _ in range(2):
         step()
     torch.cuda.synchronize()
-    rows = kernel_times(step)
+    wall, _ = time_ms(step, 0.0, cuda=True, min_reps=5, max_reps=5)
+    rows = kernel_times(step, trace)
     total = sum(r["ms"] for r in rows)
-    return {"kind": kind, "T": T, "B": B, "mode": mode, "total_ms": total, "kernels": rows[:top]}
+    return {"kind": kind, "T": T, "B": B, "mode": mode, "total_ms": total, "wall_ms": wall,
+            "host_wait_ms": wall - total, "kernels": rows[:top]}  # fmt: skip
 
 
 def main() -> None:
@@ -42,6 +47,7 @@ def main() -> None:
     p.add_argument("--kinds", default="rat,attention")
     p.add_argument("--modes", default="train,prefill")
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--trace", action="store_true", help="also write a Chrome trace per configuration")
     args = p.parse_args()
     out = Path(os.environ.get("OUT", "bench-out"))
     out.mkdir(parents=True, exist_ok=True)
@@ -49,10 +55,12 @@ def main() -> None:
     for T in (int(t) for t in args.lengths.split(",")):
         for kind in args.kinds.split(","):
             for mode in args.modes.split(","):
-                r = profile_one(kind, T, mode, args.top)
+                trace = out / f"trace-{kind}-{T}-{mode}.json" if args.trace else None
+                r = profile_one(kind, T, mode, args.top, trace)
                 torch.cuda.empty_cache()
                 results.append(r)
-                print(f"\n== {kind} T={T} B={r['B']} {mode}: {r['total_ms']:.1f} ms of kernels")
+                print(f"\n== {kind} T={T} B={r['B']} {mode}: {r['total_ms']:.1f} ms of kernels, "
+                      f"{r['wall_ms']:.1f} ms wall")  # fmt: skip
                 for k in r["kernels"]:
                     print(f"{k['ms']:9.2f} ms {k['calls']:5d}x  {k['name'][:110]}")
     (out / "profile_layer.json").write_text(json.dumps(results, indent=1))

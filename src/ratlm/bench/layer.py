@@ -151,13 +151,17 @@ def time_ms(fn, reps_s: float, cuda: bool, min_reps: int = 3, max_reps: int = 30
     return statistics.median(times), times
 
 
-def kernel_times(fn) -> list[dict]:
-    """GPU kernels of one call of fn under torch.profiler: name, total ms and launches, largest first."""
+def kernel_times(fn, trace: Path | None = None) -> list[dict]:
+    """GPU kernels of one call of fn under torch.profiler: name, total ms and launches, largest first;
+    with `trace`, the call's timeline (host and GPU) is also written there as a Chrome trace."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if trace is not None else [])
+    with profile(activities=activities) as prof:
         fn()
         torch.cuda.synchronize()
+    if trace is not None:
+        prof.export_chrome_trace(str(trace))
     kernels: dict[str, dict] = {}
     for ev in prof.events():
         if ev.device_type == torch.autograd.DeviceType.CUDA:
