@@ -22,11 +22,16 @@ def rms_norm_naive(x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype
     return y.to(out_dtype or x.dtype)
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype | None = None) -> Tensor:
-    """RMSNorm over the last dimension of x [..., D] with weight [D], returned in out_dtype (default x's)."""
+def _triton_wanted(x: Tensor, weight: Tensor) -> bool:
+    """Checks weight's shape ([D], ValueError otherwise); whether the Triton kernels take this call."""
     if x.shape[-1] != weight.shape[-1] or weight.dim() != 1:
         raise ValueError(f"weight must be [D] = [{x.shape[-1]}], got {tuple(weight.shape)}")
-    if not torch.compiler.is_compiling() and fast_path_wanted(x, weight) and x.numel() > 0:
+    return not torch.compiler.is_compiling() and fast_path_wanted(x, weight) and x.numel() > 0
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype | None = None) -> Tensor:
+    """RMSNorm over the last dimension of x [..., D] with weight [D], returned in out_dtype (default x's)."""
+    if _triton_wanted(x, weight):
         from .norm_triton import rms_norm_triton
 
         return rms_norm_triton(x, weight, eps, out_dtype)
@@ -39,15 +44,7 @@ def rms_norm_pair(
     """(rms_norm(x, ...), x) for a block x + f(norm(x)): use the second tensor for the residual. When x
     needs a gradient on the Triton path, x's two gradients are then added inside the norm's backward
     kernel; otherwise the second tensor is x itself."""
-    if x.shape[-1] != weight.shape[-1] or weight.dim() != 1:
-        raise ValueError(f"weight must be [D] = [{x.shape[-1]}], got {tuple(weight.shape)}")
-    if (
-        torch.is_grad_enabled()
-        and x.requires_grad
-        and not torch.compiler.is_compiling()
-        and fast_path_wanted(x, weight)
-        and x.numel() > 0
-    ):
+    if _triton_wanted(x, weight) and torch.is_grad_enabled() and x.requires_grad:
         from .norm_triton import rms_norm_pair_triton
 
         return rms_norm_pair_triton(x, weight, eps, out_dtype)
