@@ -51,11 +51,11 @@ def packed_layout(*pieces: Tensor) -> tuple | None:
     return tuple(base.shape), base.stride(), base.dtype, views
 
 
-def packed_views(layout: tuple, device) -> tuple[Tensor, list[Tensor]]:
-    """A new tensor with `packed_layout`'s layout and its pieces' views (to write gradients into)."""
+def packed_views(layout: tuple, device) -> list[Tensor]:
+    """The pieces' views of a new tensor with `packed_layout`'s layout (to write gradients into)."""
     shape, stride, dtype, views = layout
     full = torch.empty_strided(shape, stride, dtype=dtype, device=device)
-    return full, [full.as_strided(s, st, full.storage_offset() + off) for s, st, off in views]
+    return [full.as_strided(s, st, full.storage_offset() + off) for s, st, off in views]
 
 
 class _Split(torch.autograd.Function):
@@ -94,10 +94,8 @@ def _as_one(grads, shape, stride, sizes) -> Tensor | None:
         if g.storage_offset() != start + column:
             return None
         column += n
-    whole = grads[0].as_strided(shape, stride, start)
-    if whole.untyped_storage().nbytes() < (start + _extent(shape, stride)) * whole.element_size():
-        return None
-    return whole
+    # the grads cover u's columns one after the other, so the whole's elements are exactly theirs
+    return grads[0].as_strided(shape, stride, start)
 
 
 def _same_strides(shape, a, b) -> bool:
@@ -105,15 +103,11 @@ def _same_strides(shape, a, b) -> bool:
     return len(a) == len(b) and all(n == 1 or x == y for n, x, y in zip(shape, a, b, strict=False))
 
 
-def _extent(shape, stride) -> int:
-    return 1 + sum((n - 1) * s for n, s in zip(shape, stride, strict=True))
-
-
 def split_packed(u: Tensor, sizes: list[int]) -> tuple[Tensor, ...]:
     """`u.split(sizes, dim=-1)` whose backward skips the concatenation when it can (see the module): in
     eager autograd on the GPU path; elsewhere (no kernel writes packed gradients there) torch's split."""
-    if torch.compiler.is_compiling() or not (torch.is_grad_enabled() and u.requires_grad):
-        return tuple(u.split(sizes, dim=-1))
-    if not fast_path_wanted(u):
+    if torch.compiler.is_compiling() or not (
+        torch.is_grad_enabled() and u.requires_grad and fast_path_wanted(u)
+    ):
         return tuple(u.split(sizes, dim=-1))
     return _Split.apply(u, sizes)

@@ -61,7 +61,7 @@ class RatChunkHeadsFunction(torch.autograd.Function):
         unit = getattr(engine, "unit", 1.0)
         outs = dz = None
         if ctx.packed is not None:
-            _, (dq, dk, dv, dg, dz) = packed_views(ctx.packed, v.device)
+            dq, dk, dv, dg, dz = packed_views(ctx.packed, v.device)
             outs = (dq, dk, dv, dg)
         dop = None
         if C > 1:  # padding rows of a partial last chunk must hold zeros, not garbage, for the engine
