@@ -81,3 +81,26 @@ def test_rat_core_writes_the_gradients_into_one_packed_tensor(
     ref = run(lambda t, s: t.split(s, dim=-1), rat_mix_masked)
     for a, b in zip(got, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_scan_backward_refuses_outputs_it_cannot_write(device):
+    """rat_scan_bwd writes dv and dg with one set of strides, every output with a unit last stride: other
+    `out` tensors are refused before any kernel runs."""
+    from ratlm.ops.rat.scan_kernels import rat_scan_bwd
+
+    B, T, H, G, d = 1, 8, 2, 1, 8
+    k = torch.randn(B, T, G, d, device=device)
+    v, g = torch.randn(B, T, H, d, device=device), torch.rand(B, T, H, d, device=device)
+    grads = [torch.randn(B, T, H, d, device=device) for _ in range(3)]
+    dq, dk = torch.empty(B, T, G, d, device=device), torch.empty(B, T, G, d, device=device)
+    dv = torch.empty(B, T, H, d, device=device)
+    args = (k, v, g, 4, False, None, None, grads[0], "bthd", None, "heads", grads[1], grads[2], "bthd")
+    rest = (None, None, "bhcd", 1, torch.float32)
+    for dg in (
+        torch.empty(B, T, 2 * H, d, device=device)[:, :, :H],
+        torch.empty(B, T, H, 2 * d, device=device)[..., ::2],
+    ):
+        with pytest.raises(
+            ValueError, match="out's dv and dg need equal strides, and all a unit last stride"
+        ):
+            rat_scan_bwd(*args, *rest, None, (dq, dk, dv, dg))
