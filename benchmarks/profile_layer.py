@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ratlm.bench.layer import LayerBench, _config, _layer, kernel_times, layer_step, time_ms
+from ratlm.bench.layer import LayerBench, _config, _layer, by_kernel, kernel_timeline, layer_step, time_ms
 
 
 def profile_one(kind: str, T: int, mode: str, top: int, trace: Path | None = None) -> dict:
@@ -35,10 +35,26 @@ def profile_one(kind: str, T: int, mode: str, top: int, trace: Path | None = Non
         step()
     torch.cuda.synchronize()
     wall, _ = time_ms(step, 0.0, cuda=True, min_reps=5, max_reps=5)
-    rows = kernel_times(step, trace)
+    timeline = kernel_timeline(step, trace)
+    rows = by_kernel(timeline)
     total = sum(r["ms"] for r in rows)
+    idle, gaps = idle_gaps(timeline)
     return {"kind": kind, "T": T, "B": B, "mode": mode, "total_ms": total, "wall_ms": wall,
-            "host_wait_ms": wall - total, "kernels": rows[:top]}  # fmt: skip
+            "host_wait_ms": wall - total, "idle_ms": idle, "gaps": gaps[:top // 2 or 1],
+            "kernels": rows[:top]}  # fmt: skip
+
+
+def idle_gaps(timeline: list[tuple[str, float, float]]) -> tuple[float, list[dict]]:
+    """The GPU's idle time inside the profiled call (ms; no kernel running on any stream) and its gaps,
+    longest first, each with the kernels before and after it."""
+    gaps, busy_until, last = [], None, None
+    for name, start, end in timeline:
+        if busy_until is not None and start > busy_until:
+            gaps.append({"us": start - busy_until, "after": last[:80], "before": name[:80]})
+        if busy_until is None or end > busy_until:
+            busy_until, last = end, name
+    gaps.sort(key=lambda g: -g["us"])
+    return sum(g["us"] for g in gaps) / 1e3, gaps
 
 
 def main() -> None:
@@ -60,7 +76,9 @@ def main() -> None:
                 torch.cuda.empty_cache()
                 results.append(r)
                 print(f"\n== {kind} T={T} B={r['B']} {mode}: {r['total_ms']:.1f} ms of kernels, "
-                      f"{r['wall_ms']:.1f} ms wall")  # fmt: skip
+                      f"{r['wall_ms']:.1f} ms wall, {r['idle_ms']:.2f} ms idle when profiled")  # fmt: skip
+                for g in r["gaps"][:5]:
+                    print(f"   gap {g['us']:8.1f} us after {g['after'][:50]} before {g['before'][:50]}")
                 for k in r["kernels"]:
                     print(f"{k['ms']:9.2f} ms {k['calls']:5d}x  {k['name'][:110]}")
     (out / "profile_layer.json").write_text(json.dumps(results, indent=1))

@@ -338,6 +338,29 @@ def check_model(run: Run) -> None:
         run.line("check", case, f"{status} graph==eager {same}, vs full forward {max(errs):.1e}")
 
 
+def layer_setup(scale: Scale, name: str, T: int, B: int, extra: int, inplace: bool = True):
+    """One mixer (bf16, the benchmark's layer config) with a random cache at position T that has room for
+    `extra` more tokens: (step, state), step() decoding one token for B sequences; or the reason it does not
+    fit on the device."""
+    dev, cfg = scale.device, scale.layer.replace(layers=name)
+    need = state_nbytes(make_mixer(name, cfg).new_state(B, T + extra, "meta", torch.bfloat16))
+    free = free_bytes(dev) if scale.free is None else scale.free
+    if need > free - 4 * 2**30 and scale.free is None:
+        return f"cache needs {need / 2**30:.1f} GiB, {free / 2**30:.1f} free"
+    mixer = make_mixer(name, cfg).to(dev, torch.bfloat16).eval()
+    if hasattr(mixer, "init_gate_bias"):
+        mixer.init_gate_bias()
+    state = mixer.new_state(B, T + extra, dev, torch.bfloat16)
+    randomise([state])
+    move_to(state, T)
+    x = torch.randn(B, 1, cfg.d_model, device=dev, dtype=torch.bfloat16)
+
+    def one():
+        return mixer(x, state, inplace=inplace)
+
+    return one, state
+
+
 def layer_case(
     run: Run, name: str, T: int, B: int, tiling=None, eager: bool = True, inplace: bool = True
 ) -> None:
@@ -353,28 +376,15 @@ def layer_case(
     cfg = scale.layer.replace(layers=name)
     extra = 1100  # positions the timed steps may use
     case = f"{name} T{T} B{B}" + (f" tile{tiling}" if tiling else "") + ("" if inplace else " add")
-    meta = make_mixer(name, cfg).new_state(B, T + extra, "meta", torch.bfloat16)
-    need = state_nbytes(meta)
-    free = free_bytes(dev) if scale.free is None else scale.free
-    if need > free - 4 * 2**30 and scale.free is None:
-        reason = f"cache needs {need / 2**30:.1f} GiB, {free / 2**30:.1f} free"
-        run.record("layer", case, status="skipped", reason=reason)
-        run.line("layer", case, f"skipped: {reason}")
+    made = layer_setup(scale, name, T, B, extra, inplace)
+    if isinstance(made, str):
+        run.record("layer", case, status="skipped", reason=made)
+        run.line("layer", case, f"skipped: {made}")
         return
-    mixer = make_mixer(name, cfg).to(dev, torch.bfloat16).eval()
-    if hasattr(mixer, "init_gate_bias"):
-        mixer.init_gate_bias()
-    state = mixer.new_state(B, T + extra, dev, torch.bfloat16)
-    randomise([state])
-    move_to(state, T)
-    x = torch.randn(B, 1, cfg.d_model, device=dev, dtype=torch.bfloat16)
+    one, state = made
     decode_triton.OVERRIDES.clear()
     if tiling:
         decode_triton.OVERRIDES.update(zip(("block_n", "num_warps", "splits"), tiling, strict=False))
-
-    def one():
-        return mixer(x, state, inplace=inplace)
-
     try:
         with torch.no_grad():
             warm_up(one)

@@ -151,9 +151,9 @@ def time_ms(fn, reps_s: float, cuda: bool, min_reps: int = 3, max_reps: int = 30
     return statistics.median(times), times
 
 
-def kernel_times(fn, trace: Path | None = None) -> list[dict]:
-    """GPU kernels of one call of fn under torch.profiler: name, total ms and launches, largest first;
-    with `trace`, the call's timeline (host and GPU) is also written there as a Chrome trace."""
+def kernel_timeline(fn, trace: Path | None = None) -> list[tuple[str, float, float]]:
+    """GPU kernels of one call of fn under torch.profiler as (name, start us, end us), in start order; with
+    `trace`, the call's timeline (host and GPU) is also written there as a Chrome trace."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if trace is not None else [])
@@ -162,13 +162,23 @@ def kernel_times(fn, trace: Path | None = None) -> list[dict]:
         torch.cuda.synchronize()
     if trace is not None:
         prof.export_chrome_trace(str(trace))
+    events = [ev for ev in prof.events() if ev.device_type == torch.autograd.DeviceType.CUDA]
+    return sorted(((ev.name, ev.time_range.start, ev.time_range.end) for ev in events), key=lambda e: e[1])
+
+
+def by_kernel(timeline: list[tuple[str, float, float]]) -> list[dict]:
+    """Total ms and launches per kernel name of a `kernel_timeline`, largest first."""
     kernels: dict[str, dict] = {}
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            k = kernels.setdefault(ev.name, {"name": ev.name, "ms": 0.0, "calls": 0})
-            k["ms"] += ev.device_time / 1e3
-            k["calls"] += 1
+    for name, start, end in timeline:
+        k = kernels.setdefault(name, {"name": name, "ms": 0.0, "calls": 0})
+        k["ms"] += (end - start) / 1e3
+        k["calls"] += 1
     return sorted(kernels.values(), key=lambda r: -r["ms"])
+
+
+def kernel_times(fn, trace: Path | None = None) -> list[dict]:
+    """GPU kernels of one call of fn: name, total ms and launches, largest first (see `kernel_timeline`)."""
+    return by_kernel(kernel_timeline(fn, trace))
 
 
 def ceilings(bench: LayerBench) -> dict:
