@@ -50,9 +50,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-latency", action="store_true")
     p.add_argument("--throughput", action="store_true", help="also rat-1.3b tokens/s (sampled, about 30 s)")
     p.add_argument("--tiny", action="store_true", help="toy sizes on the CPU")
+    p.add_argument(
+        "--sweep",
+        metavar="MIXER:T:B",
+        action="append",
+        help="only sweep the decode tiles of this layer step (repeatable), e.g. swa:4096:512",
+    )
+    p.add_argument(
+        "--tiles", default="0x0,16x1,32x1,32x2,64x4,16x4", help="BLOCK_Nxwarps for --sweep (0x0: default)"
+    )
     args = p.parse_args(argv)
     scale = bench.tiny_scale("cpu") if args.tiny else bench.paper_scale()
     run = bench.Run(args.out, 600, scale)
+    if args.sweep:
+        for spec in args.sweep:
+            name, T, B = spec.split(":")
+            for tile in args.tiles.split(","):
+                tiling = tuple(int(t) for t in tile.split("x"))
+                tiling = tiling if any(tiling) else None
+                run.guarded(
+                    "layer", f"{spec} {tiling}", bench.layer_case, run, name, int(T), int(B), tiling, False
+                )
+        return 0
     run.guarded("check", "model", bench.check_model, run)
     (_, T_big, B_big), (_, T_long, B_long) = scale.headlines[:2]  # batch 512 at 4K; batch 1 at 128K
     for shape in (("rat", T_big, B_big), ("rat", T_long, B_long)):
