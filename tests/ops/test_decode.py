@@ -132,7 +132,8 @@ def test_attention_kernel_matches_twin(kernels, cls, N, positions, splits):
 def test_plan_splits_fills_the_card_only_when_few_queries(kernels):
     plan = kernels[0].plan_splits
     dev = torch.device("cpu")  # plans as for 4 multiprocessors
-    assert plan(4096, 256, 64, dev)[0] == 1  # many (sequence, head) pairs: one launch, no split
+    assert plan(4096, 256, 64, dev) == (1, 256, 16, 1)  # many pairs: no split, tiles of 16 on one warp
+    assert plan(4096, 256, 64, dev, dict(num_warps=4))[2:] == (16, 4)  # a given warp count is kept
     splits, split_len, block_n, _ = plan(2, 4096, 64, dev)
     assert splits > 1 and splits * split_len >= 4096 and split_len % block_n == 0
     assert plan(2, 8, 64, dev)[0] == 1  # too few slots to split

@@ -215,8 +215,12 @@ def plan_splits(
     Enough programs to fill the card: one per (sequence, head) when there are many, otherwise split the slots
     (at least two tiles per split) until about `programs_per_sm` programs per multiprocessor. Tiles of 16
     slots on two warps keep a d=128 program near 100 registers (no spills with Triton 3.6 or 3.9), so many
-    programs share a multiprocessor and keep loads in flight. `config` overrides any of "splits", "block_n",
-    "num_warps" (benchmarks use it to compare settings); `block_n` is the caller's default tile.
+    programs share a multiprocessor and keep loads in flight. Without a split, each program takes tiles of 16
+    on one warp: on the H200 at T=4096, batch 512, a layer's step took 1003 against 1350 us for sliding
+    window (W 1024) and 3948 against 5234 for attention with (16, 2), and 325 against 350 for RAT
+    (benchmarks/decode_ab.py --sweep; bench_decode-sweep-swa-attn-h200-2026-11-29.jsonl). `config`
+    overrides any of "splits", "block_n", "num_warps" (benchmarks use it to compare settings); `block_n` is
+    the caller's default tile.
     """
     config = {**OVERRIDES, **(config or {})}
     block_n = config.get("block_n") or block_n or (16 if half >= 64 else 32)
@@ -226,6 +230,8 @@ def plan_splits(
         sms = _sm_count(device)
         want = 1 if bh >= 2 * sms else triton.cdiv(programs_per_sm * sms, bh)
         splits = max(1, min(want, triton.cdiv(num_slots, 2 * block_n)))
+    if splits == 1 and "block_n" not in config and "num_warps" not in config:
+        block_n, num_warps = 16, 1  # one program per (sequence, head): see the docstring
     split_len = triton.cdiv(triton.cdiv(num_slots, splits), block_n) * block_n
     return triton.cdiv(num_slots, split_len), split_len, block_n, num_warps
 

@@ -111,8 +111,9 @@ def plan_tiles(bh: int, num_slots: int, half: int, device: torch.device, config:
     projections included; benchmarks/results/bench_decode-ab-h200-2026-11-29.jsonl and
     bench_decode-tiles-h200-2026-11-29.jsonl):
 
-    - one program per (sequence, head) (many of them): 16 summaries per tile on one warp. T=4096, B=512:
-      320 us against 346 with (32, 2) and 438 with (16, 2); T=16384, B=512: 1013 against 1055 us.
+    - one program per (sequence, head) (many of them): 16 summaries per tile on one warp, as `plan_splits`
+      plans it for every mixer. T=4096, B=512: 320 us against 346 with (32, 2) and 438 with (16, 2);
+      T=16384, B=512: 1013 against 1055 us.
     - split over the summaries (few sequences): planned with tiles of 32 for about 8 programs per
       multiprocessor, then tiles of 64 where a split holds two or more. T=131072, B=1: 64 splits of 128,
       45.1 us against 48.6 with 32 splits of 256 and tiles of 32 (4 programs per multiprocessor).
@@ -120,11 +121,9 @@ def plan_tiles(bh: int, num_slots: int, half: int, device: torch.device, config:
     """
     given = {**OVERRIDES, **(config or {})}
     splits, split_len, block_n, num_warps = plan_splits(bh, num_slots, half, device, config, 32, 8)
-    if "block_n" not in given and "num_warps" not in given:
-        if splits == 1:
-            block_n, num_warps = 16, 1
-        elif split_len % 64 == 0 and split_len >= 128:
-            block_n = 64
+    tiles_given = "block_n" in given or "num_warps" in given
+    if splits > 1 and not tiles_given and split_len % 64 == 0 and split_len >= 128:
+        block_n = 64
     return splits, split_len, block_n, num_warps
 
 
