@@ -1,0 +1,75 @@
+"""Few-row matrix products for decoding: out = x @ w.T (+ out) with x [M, K] for M <= MAX_ROWS, in Triton.
+
+At batch 1 a decode step is a chain of matrix-vector products that only stream their weights, and cuBLAS's
+kernels for one row leave bandwidth unused. Here each program streams BN rows of w over the whole of K for
+one row of x, accumulating elementwise in fp32 and summing once at the end; the rows of x are a second grid
+axis, so a block of w is read from memory once and from L2 by the other rows. With `accumulate`, the product
+is added to `out` (read in the same program), as the residual connection of a block wants.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+MAX_ROWS = 4  # beyond this cuBLAS's kernels are compute-efficient and the re-reads from L2 grow
+
+
+@triton.jit
+def _gemv_kernel(
+    X, W, OUT, N, K, stride_xm, stride_wn, stride_om,
+    BN: tl.constexpr, BK: tl.constexpr, ACCUMULATE: tl.constexpr, EVEN: tl.constexpr,
+):  # fmt: skip
+    m = tl.program_id(1).to(tl.int64)
+    n = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
+    k = tl.arange(0, BK)
+    rows = W + n[:, None] * stride_wn + k[None, :]
+    xs = X + m * stride_xm + k
+    acc = tl.zeros([BN, BK], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        if EVEN:  # N % BN == 0 and K % BK == 0: no masks in the loop
+            w = tl.load(rows + k0)
+            x = tl.load(xs + k0)
+        else:
+            kk = k0 + k
+            w = tl.load(rows + k0, mask=(n[:, None] < N) & (kk[None, :] < K), other=0.0)
+            x = tl.load(xs + k0, mask=kk < K, other=0.0)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    y = tl.sum(acc, axis=1)
+    dst = OUT + m * stride_om + n
+    if ACCUMULATE:
+        y += tl.load(dst, mask=n < N, other=0.0).to(tl.float32)
+    tl.store(dst, y.to(OUT.dtype.element_ty), mask=n < N)
+
+
+def gemv_tile(N: int, K: int, device: torch.device) -> tuple[int, int, int]:
+    """(BN, BK, num_warps): rows of w per program such that about four programs per multiprocessor stream
+    w, and 512 columns per step (16 KB of w in flight per program at BN 16)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    bn = 16
+    while bn > 2 and triton.cdiv(N, bn) < 4 * sms:
+        bn //= 2
+    bk = min(512, triton.next_power_of_2(K))
+    return bn, bk, 4
+
+
+def gemv_triton(
+    x: Tensor, w: Tensor, out: Tensor | None = None, accumulate: bool = False, tile=None
+) -> Tensor:
+    """x [M, K] @ w.T for w [N, K] (unit stride along K for both), into out [M, N] (new, in x's dtype, when
+    None); with accumulate, out += x @ w.T. The sum is in fp32 and rounded once to out's dtype."""
+    M, K = x.shape
+    N = w.shape[0]
+    if out is None:
+        if accumulate:
+            raise ValueError("accumulate=True needs an out tensor to add to")
+        out = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    bn, bk, warps = tile or gemv_tile(N, K, x.device)
+    even = N % bn == 0 and K % bk == 0
+    _gemv_kernel[(triton.cdiv(N, bn), M)](
+        x, w, out, N, K, x.stride(0), w.stride(0), out.stride(0),
+        BN=bn, BK=bk, ACCUMULATE=accumulate, EVEN=even, num_warps=warps,
+    )  # fmt: skip
+    return out
