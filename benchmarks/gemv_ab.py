@@ -83,7 +83,7 @@ def main(argv=None) -> int:
             )
             row["torch_us"] = per_call_us(lambda w: F.linear(x, w), weights)  # noqa: B023
             row["torch_addmm_us"] = per_call_us(lambda w: o.addmm_(x, w.t()), weights)  # noqa: B023
-            row["triton_tile"] = gemv_tile(N, K, dev)
+            row["triton_tile"] = gemv_tile(K)
             row["triton_us"] = per_call_us(lambda w: gemv_triton(x, w, o), weights)  # noqa: B023
             row["triton_acc_us"] = per_call_us(lambda w: gemv_triton(x, w, o, True), weights)  # noqa: B023
             if args.sweep and M == 1:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .cache import ModelCache
 from .config import MIXERS, ModelConfig
 from .mixers import FFN, RAT, RNN, Attention, RMSNorm
+from .ops.linear import linear
 
 
 def make_mixer(name: str, cfg: ModelConfig) -> nn.Module:
@@ -76,7 +76,7 @@ class LanguageModel(nn.Module):
             x = block(x, state, inplace=inplace)
         if last_only:
             x = x[:, -1:]
-        return F.linear(self.norm(x), self.embed.weight)
+        return linear(self.norm(x), self.embed.weight)
 
     def _hooked(self) -> bool:
         """Whether a forward hook (global, or on a block or anything in it) may see the blocks' tensors.

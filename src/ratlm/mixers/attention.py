@@ -10,7 +10,7 @@ from ..config import ModelConfig
 from ..ops import apply_rope, attention, rope_cos_sin
 from ..ops.attention.decode import attention_decode
 from .norm import RMSNorm, norm_pair
-from .residual import add_projection
+from .residual import add_projection, project
 
 
 class Attention(nn.Module):
@@ -31,7 +31,7 @@ class Attention(nn.Module):
         B, T, D = x.shape
         H, d = self.n_heads, self.head_dim
         h, x = norm_pair(self.norm, x)  # x's alias carries the residual (see RMSNorm.pair)
-        u = self.in_proj(h)
+        u = project(self.in_proj, h)
         if state is not None and T == 1:
             # one token per sequence, its position read on the device: the path a CUDA graph captures
             v, q, k = (t.view(B, H, d) for t in u[:, 0].split(D, dim=-1))

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from .norm import RMSNorm, norm_pair
-from .residual import add_projection
+from .residual import add_projection, project
 
 
 class FFN(nn.Module):
@@ -20,4 +20,4 @@ class FFN(nn.Module):
     def forward(self, x: Tensor, *, inplace: bool = False) -> Tensor:
         """x + fc2(gelu(fc1(norm(x)))); inplace: x may be overwritten with it (see `add_projection`)."""
         h, x = norm_pair(self.norm, x)  # x's alias carries the residual (see RMSNorm.pair)
-        return add_projection(x, F.gelu(self.fc1(h)), self.fc2, inplace)
+        return add_projection(x, F.gelu(project(self.fc1, h)), self.fc2, inplace)

@@ -13,7 +13,7 @@ from ..ops import rat_mix, rat_mix_cached
 from ..ops.packed import split_packed
 from ..ops.rat.decode import rat_decode
 from .norm import RMSNorm, norm_pair
-from .residual import add_projection
+from .residual import add_projection, project
 
 
 class RAT(nn.Module):
@@ -44,7 +44,7 @@ class RAT(nn.Module):
         B, T, D = x.shape
         d, G = self.head_dim, self.n_groups
         h, x = norm_pair(self.norm, x)  # x's alias carries the residual (see RMSNorm.pair)
-        u = self.in_proj(h)
+        u = project(self.in_proj, h)
         if state is not None and T == 1:
             return self._step(x, u, state, inplace)
         # split without a concatenation in the backward: the GPU kernels write the five gradients into one

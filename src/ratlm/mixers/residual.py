@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.backend import fast_path_wanted
+from ..ops.linear import addmm_into, linear
 from .norm import autocast_dtype, bypassable
 
 _EPILOGUE_OK: dict[tuple[str, torch.dtype], bool] = {}
@@ -53,6 +54,14 @@ class _AddProjection(torch.autograd.Function):  # first-order only: double backw
         return dout, dy, dw
 
 
+def project(proj: nn.Module, h: Tensor) -> Tensor:
+    """proj(h); for a plain bias-free nn.Linear with no hooks (`bypassable`), through `ratlm.ops.linear`,
+    which takes the Triton one-row product in batch-1 decoding."""
+    if bypassable(proj, nn.Linear) and proj.bias is None:
+        return linear(h, proj.weight)
+    return proj(h)
+
+
 def add_projection(x: Tensor, y: Tensor, proj: nn.Linear, inplace: bool = False) -> Tensor:
     """x + proj(y) for x [..., D] and y [..., D_in] with the same leading shape.
 
@@ -66,17 +75,16 @@ def add_projection(x: Tensor, y: Tensor, proj: nn.Linear, inplace: bool = False)
 
     With inplace=True (cached inference: LanguageModel.forward passes it with a cache and without autograd)
     the product is accumulated into x's own memory (one GEMM with beta = 1) and x is returned: one kernel
-    instead of a GEMM and an add, which matters when a decode step is a few hundred small kernels. The
-    result is rounded once instead of twice. Not with autograd or autocast on, another dtype or x not
-    contiguous.
+    instead of a GEMM and an add, which matters when a decode step is a few hundred small kernels (for one
+    row, the Triton product of `ratlm.ops.linear.addmm_into`). The result is rounded once instead of
+    twice. Not with autograd or autocast on, another dtype or x not contiguous.
     """
     if not (bypassable(proj, nn.Linear) and proj.bias is None):  # only x @ weight.T can be fused
         return x + proj(y)
     half = autocast_dtype(x.device.type)
     same_dtype = x.dtype == y.dtype == proj.weight.dtype
     if inplace and not torch.is_grad_enabled() and half is None and same_dtype and x.is_contiguous():
-        x.view(-1, x.shape[-1]).addmm_(y.reshape(-1, y.shape[-1]), proj.weight.t())
-        return x
+        return addmm_into(x, y, proj.weight)
     if (
         half in (torch.bfloat16, torch.float16)
         and x.dtype == torch.float32

@@ -9,7 +9,7 @@ from ..cache import RNNState, advance, move_to
 from ..config import ModelConfig
 from ..ops import gated_scan
 from .norm import RMSNorm, norm_pair
-from .residual import add_projection
+from .residual import add_projection, project
 
 
 class RNN(nn.Module):
@@ -31,7 +31,7 @@ class RNN(nn.Module):
         """x + the mixer's output; inplace: x may be overwritten with it (see `add_projection`)."""
         D, T = self.d_model, x.shape[1]
         h, x = norm_pair(self.norm, x)  # x's alias carries the residual (see RMSNorm.pair)
-        z, v, g = self.in_proj(h).split(D, dim=-1)
+        z, v, g = project(self.in_proj, h).split(D, dim=-1)
         g = torch.sigmoid(g.float() + self.gate_bias.float())
         if state is None:
             h = gated_scan(v, g)

@@ -1,10 +1,12 @@
-"""Few-row matrix products for decoding: out = x @ w.T (+ out) with x [M, K] for M <= MAX_ROWS, in Triton.
+"""Few-row matrix products for decoding: out = x @ w.T (+ out) for x [M, K], in Triton.
 
 At batch 1 a decode step is a chain of matrix-vector products that only stream their weights, and cuBLAS's
 kernels for one row leave bandwidth unused. Here each program streams BN rows of w over the whole of K for
 one row of x, accumulating elementwise in fp32 and summing once at the end; the rows of x are a second grid
 axis, so a block of w is read from memory once and from L2 by the other rows. With `accumulate`, the product
-is added to `out` (read in the same program), as the residual connection of a block wants.
+is added to `out` (read in the same program), as the residual connection of a block wants. Faster than
+cuBLAS for one row only (on the H200, M=2 already took 1.2-1.9x cuBLAS's time): `ratlm.ops.linear` uses it
+for M = 1.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-MAX_ROWS = 4  # beyond this cuBLAS's kernels are compute-efficient and the re-reads from L2 grow
+from .scan.kernel import round_to
 
 
 @triton.jit
@@ -41,18 +43,14 @@ def _gemv_kernel(
     dst = OUT + m * stride_om + n
     if ACCUMULATE:
         y += tl.load(dst, mask=n < N, other=0.0).to(tl.float32)
-    tl.store(dst, y.to(OUT.dtype.element_ty), mask=n < N)
+    tl.store(dst, round_to(y, OUT.dtype.element_ty), mask=n < N)
 
 
-def gemv_tile(N: int, K: int, device: torch.device) -> tuple[int, int, int]:
-    """(BN, BK, num_warps): rows of w per program such that about four programs per multiprocessor stream
-    w, and 512 columns per step (16 KB of w in flight per program at BN 16)."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    bn = 16
-    while bn > 2 and triton.cdiv(N, bn) < 4 * sms:
-        bn //= 2
-    bk = min(512, triton.next_power_of_2(K))
-    return bn, bk, 4
+def gemv_tile(K: int) -> tuple[int, int, int]:
+    """(BN, BK, num_warps): 4 rows of w by up to 1024 columns per step on 4 warps. On the H200 this tile was
+    within 0.5 us of the best of 30 on every 1.3B decode shape, 7-35% faster than cuBLAS at M=1
+    (benchmarks/gemv_ab.py --sweep; benchmarks/results/gemv_ab-h200-2026-11-29.jsonl)."""
+    return 4, min(1024, triton.next_power_of_2(K)), 4
 
 
 def gemv_triton(
@@ -66,7 +64,7 @@ def gemv_triton(
         if accumulate:
             raise ValueError("accumulate=True needs an out tensor to add to")
         out = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    bn, bk, warps = tile or gemv_tile(N, K, x.device)
+    bn, bk, warps = tile or gemv_tile(K)
     even = N % bn == 0 and K % bk == 0
     _gemv_kernel[(triton.cdiv(N, bn), M)](
         x, w, out, N, K, x.stride(0), w.stride(0), out.stride(0),
