@@ -22,7 +22,6 @@ import ratlm.mixers.rat
 import ratlm.mixers.rnn
 from ratlm.bench import decode as bench
 from ratlm.mixers import residual
-from ratlm.ops import linear
 
 MODULES = (ratlm.mixers.rat, ratlm.mixers.attention, ratlm.mixers.rnn, ratlm.mixers.ffn)
 
@@ -60,23 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--tiles", default="0x0,16x1,32x1,32x2,64x4,16x4", help="BLOCK_Nxwarps for --sweep (0x0: default)"
     )
-    p.add_argument(
-        "--norm-ab", action="store_true", help="only the RMSNorm fused into one-row products, off/on"
-    )
     args = p.parse_args(argv)
     scale = bench.tiny_scale("cpu") if args.tiny else bench.paper_scale()
     run = bench.Run(args.out, 600, scale)
-    if args.norm_ab:
-        (_, T_long, B_long) = scale.headlines[1]
-        for fuse in (False, True, False, True):  # alternated: drift shows as a difference between repeats
-            linear.FUSE_NORM = fuse
-            tag = " fused norm" if fuse else " norm apart"
-            run.guarded(
-                "layer", f"rat T{T_long} B{B_long}{tag}", bench.layer_case, run, "rat", T_long, B_long
-            )
-            run.guarded("latency", "rat-1.3b" + tag, bench.latency_case, run, "rat-1.3b", tag=tag)
-        linear.FUSE_NORM = True
-        return 0
     if args.sweep:
         for spec in args.sweep:
             name, T, B = spec.split(":")

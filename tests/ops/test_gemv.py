@@ -77,7 +77,8 @@ def test_accumulate_adds_into_out_and_rounds_once(dtype, device):
 
 @pytest.mark.parametrize("K, tile", [(64, None), (100, (4, 32, 4)), (2048, None)])
 def test_norm_fused_like_rms_norm_then_product(K, tile, device):
-    """fp32: against fp64; bf16: close to F.linear of rms_norm (which rounds; the kernel does not)."""
+    """fp32: against fp64 (the norm's rounding is the identity there); bf16: the norm rounded to bf16 first,
+    as `rms_norm` returns it, then the product."""
     x = 3 * torch.randn(1, K, device=device)
     nw = 1 + torch.randn(K, device=device)
     w = torch.randn(24, K, device=device)

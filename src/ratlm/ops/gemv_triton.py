@@ -22,34 +22,35 @@ from .scan.kernel import round_to
 @triton.jit
 def _gemv_kernel(
     X, W, OUT, NW, N, K, stride_xm, stride_wn, stride_om, eps,
-    BN: tl.constexpr, BK: tl.constexpr, ACCUMULATE: tl.constexpr, EVEN: tl.constexpr, NORM: tl.constexpr,
+    BN: tl.constexpr, BK: tl.constexpr, ACCUMULATE: tl.constexpr, EVEN: tl.constexpr,
+    NORM: tl.constexpr, BKX: tl.constexpr,
 ):  # fmt: skip
     m = tl.program_id(1).to(tl.int64)
     n = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
     k = tl.arange(0, BK)
     rows = W + n[:, None] * stride_wn + k[None, :]
     xs = X + m * stride_xm + k
+    if NORM:  # RMSNorm of the row first, as `_rms_fwd_kernel` computes it (one sum over the whole row)
+        kx = tl.arange(0, BKX)
+        xr = tl.load(X + m * stride_xm + kx, mask=kx < K, other=0.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(xr * xr, 0) / K + eps)
     acc = tl.zeros([BN, BK], dtype=tl.float32)
-    squares = tl.zeros([BK], dtype=tl.float32)  # NORM: the row's sum of squares, gathered on the way
     for k0 in range(0, K, BK):
         if EVEN:  # N % BN == 0 and K % BK == 0: no masks in the loop
             w = tl.load(rows + k0)
-            x = tl.load(xs + k0).to(tl.float32)
+            x = tl.load(xs + k0)
             if NORM:
-                nw = tl.load(NW + k0 + k).to(tl.float32)
+                nw = tl.load(NW + k0 + k)
         else:
             kk = k0 + k
             w = tl.load(rows + k0, mask=(n[:, None] < N) & (kk[None, :] < K), other=0.0)
-            x = tl.load(xs + k0, mask=kk < K, other=0.0).to(tl.float32)
+            x = tl.load(xs + k0, mask=kk < K, other=0.0)
             if NORM:
-                nw = tl.load(NW + k0 + k, mask=kk < K, other=0.0).to(tl.float32)
-        if NORM:
-            squares += x * x
-            x = x * nw
-        acc += w.to(tl.float32) * x[None, :]
+                nw = tl.load(NW + k0 + k, mask=kk < K, other=0.0)
+        if NORM:  # the normed row, rounded to x's dtype as the norm would return it
+            x = round_to(x.to(tl.float32) * rstd * nw.to(tl.float32), X.dtype.element_ty)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
     y = tl.sum(acc, axis=1)
-    if NORM:  # RMSNorm's 1 / rms, applied to the sum: no pass over the row before the weights stream
-        y = y / tl.sqrt(tl.sum(squares, 0) / K + eps)
     dst = OUT + m * stride_om + n
     if ACCUMULATE:
         y += tl.load(dst, mask=n < N, other=0.0).to(tl.float32)
@@ -74,9 +75,8 @@ def gemv_triton(
 ) -> Tensor:
     """x [M, K] @ w.T for w [N, K] (unit stride along K for both), into out [M, N] (new, in x's dtype, when
     None); with accumulate, out += x @ w.T. The sum is in fp32 and rounded once to out's dtype. With
-    norm_weight [K], each row of x is RMS-normalised first (`rms_norm(x, norm_weight, eps)`): one kernel
-    instead of a norm and a product. The normalised row is not rounded to x's dtype before the product, as
-    the two kernels would round it: the result is rounded once, from fp32."""
+    norm_weight [K], each row of x is RMS-normalised first (`rms_norm(x, norm_weight, eps)`, rounded to x's
+    dtype): one kernel instead of a norm and a product."""
     M, K = x.shape
     N = w.shape[0]
     if out is None:
@@ -90,6 +90,7 @@ def gemv_triton(
     norm = norm_weight is not None
     _gemv_kernel[(triton.cdiv(N, bn), M)](
         x, w, out, norm_weight if norm else x, N, K, x.stride(0), w.stride(0), out.stride(0), eps,
-        BN=bn, BK=bk, ACCUMULATE=accumulate, EVEN=even, NORM=norm, num_warps=warps,
+        BN=bn, BK=bk, ACCUMULATE=accumulate, EVEN=even, NORM=norm,
+        BKX=triton.next_power_of_2(K) if norm else 16, num_warps=warps,
     )  # fmt: skip
     return out

@@ -17,7 +17,7 @@ from .backend import fast_path_wanted
 from .norm import rms_norm
 
 _HALF = (torch.float16, torch.bfloat16)
-FUSE_NORM = True  # rms_norm_linear fuses the norm into the kernel (benchmarks turn it off to compare)
+MAX_NORM_WIDTH = 16384  # rms_norm_linear's kernel holds a whole row in registers
 
 
 def gemv_wanted(x: Tensor, weight: Tensor) -> bool:
@@ -48,8 +48,8 @@ def linear(x: Tensor, weight: Tensor) -> Tensor:
 
 def rms_norm_linear(x: Tensor, norm_weight: Tensor, eps: float, weight: Tensor) -> Tensor:
     """F.linear(rms_norm(x, norm_weight, eps), weight): the norm fused into the Triton one-row product where
-    `gemv_wanted` and FUSE_NORM (the normalised row then stays in fp32, see `gemv_triton`)."""
-    if FUSE_NORM and gemv_wanted(x, weight) and norm_weight.is_cuda:
+    `gemv_wanted` (and the row fits the kernel's one load, K <= MAX_NORM_WIDTH)."""
+    if gemv_wanted(x, weight) and x.shape[-1] <= MAX_NORM_WIDTH and norm_weight.is_cuda:
         from .gemv_triton import gemv_triton
 
         out = gemv_triton(x.reshape(1, -1), weight, norm_weight=norm_weight, eps=eps)
