@@ -8,8 +8,7 @@ from torch import Tensor, nn
 from .cache import ModelCache
 from .config import MIXERS, ModelConfig
 from .mixers import FFN, RAT, RNN, Attention, RMSNorm
-from .mixers.residual import norm_fusable
-from .ops.linear import linear, rms_norm_linear
+from .ops.linear import linear
 
 
 def make_mixer(name: str, cfg: ModelConfig) -> nn.Module:
@@ -77,8 +76,6 @@ class LanguageModel(nn.Module):
             x = block(x, state, inplace=inplace)
         if last_only:
             x = x[:, -1:]
-        if norm_fusable(self.norm, self.embed.weight, x):  # batch-1 decoding: one kernel
-            return rms_norm_linear(x, self.norm.weight, self.norm.eps, self.embed.weight)
         return linear(self.norm(x), self.embed.weight)
 
     def _hooked(self) -> bool:

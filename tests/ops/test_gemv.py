@@ -9,12 +9,10 @@ from torch import nn
 
 from ratlm import LanguageModel
 from ratlm.config import ModelConfig
-from ratlm.mixers import RMSNorm
-from ratlm.mixers.residual import norm_project, project
+from ratlm.mixers.residual import project
 from ratlm.ops import gemv_triton as gemv_module
 from ratlm.ops import linear as linear_module
 from ratlm.ops.gemv_triton import gemv_triton
-from ratlm.ops.norm import rms_norm_naive
 
 
 def _exact(x, w, base=None):
@@ -75,28 +73,6 @@ def test_accumulate_adds_into_out_and_rounds_once(dtype, device):
         assert _rounded_once(out, x, w, base)
 
 
-@pytest.mark.parametrize("K, tile", [(64, None), (100, (4, 32, 4)), (2048, None)])
-def test_norm_fused_like_rms_norm_then_product(K, tile, device):
-    """fp32: against fp64 (the norm's rounding is the identity there); bf16: the norm rounded to bf16 first,
-    as `rms_norm` returns it, then the product."""
-    x = 3 * torch.randn(1, K, device=device)
-    nw = 1 + torch.randn(K, device=device)
-    w = torch.randn(24, K, device=device)
-    out = gemv_triton(x, w, tile=tile, norm_weight=nw, eps=1e-6)
-    h = rms_norm_naive(x.double(), nw.double(), 1e-6)
-    exact = h @ w.double().t()
-    assert (out.double() - exact).abs().max() <= 1e-5 * (h.abs() @ w.double().abs().t()).max()
-    xb, wb, nwb = x.bfloat16(), w.bfloat16(), nw.bfloat16()
-    out = gemv_triton(xb, wb, tile=tile, norm_weight=nwb, eps=1e-6)
-    ref = F.linear(rms_norm_naive(xb, nwb, 1e-6), wb)
-    torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
-
-
-def test_norm_weight_shape_is_checked():
-    with pytest.raises(ValueError, match=r"norm_weight must be \[K\] = \[8\]"):
-        gemv_triton(torch.randn(1, 8), torch.randn(4, 8), norm_weight=torch.randn(7))
-
-
 def test_accumulate_needs_out():
     x, w = torch.randn(1, 8), torch.randn(4, 8)
     with pytest.raises(ValueError, match="accumulate=True needs an out tensor"):
@@ -152,20 +128,6 @@ def test_project_calls_hooked_or_wrapped_projections(fast_here):
         torch.testing.assert_close(project(biased, h), biased(h))  # the bias is not dropped
 
 
-def test_norm_project_fuses_plain_modules_only(fast_here):
-    norm = RMSNorm(16).to(torch.bfloat16)
-    proj = nn.Linear(16, 8, bias=False).to(torch.bfloat16)
-    x = torch.randn(1, 1, 16, dtype=torch.bfloat16)
-    with torch.no_grad():
-        fused, res = norm_project(norm, proj, x)
-        assert res is x
-        torch.testing.assert_close(fused, proj(norm(x)), rtol=2e-2, atol=2e-2)
-        calls = []
-        norm.register_forward_hook(lambda *args: calls.append(1))
-        torch.testing.assert_close(norm_project(norm, proj, x)[0], fused, rtol=2e-2, atol=2e-2)
-    assert calls == [1]  # a hooked norm is called, not fused
-
-
 def test_batch1_decode_with_the_triton_products_matches_torch(fast_here, monkeypatch):
     """A bf16 model's cached one-token steps: every linear layer on the Triton path, logits as with cuBLAS
     (torch's path on the CPU) within bf16 rounding."""
@@ -208,10 +170,6 @@ def test_cuda_dispatch_and_decode_shapes(N, K, monkeypatch):
         out = linear_module.linear(x, w)
         acc = linear_module.addmm_into(base.clone(), x, w)
         two_rows = linear_module.linear(x.expand(1, 2, K), w)  # cuBLAS
-        nw = 1 + 0.1 * torch.randn(K, device="cuda").bfloat16()
-        normed = linear_module.rms_norm_linear(x, nw, 1e-6, w)
-    assert len(calls) == 3
+    assert len(calls) == 2
     assert _rounded_once(out[0], x[0], w) and _rounded_once(acc[0], x[0], w, base[0])
-    ref = F.linear(rms_norm_naive(x, nw, 1e-6), w)
-    torch.testing.assert_close(normed, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
     torch.testing.assert_close(two_rows[:, :1], F.linear(x, w), rtol=1e-2, atol=1e-2)

@@ -6,8 +6,8 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.backend import fast_path_wanted
-from ..ops.linear import addmm_into, gemv_wanted, linear, rms_norm_linear
-from .norm import RMSNorm, autocast_dtype, bypassable, norm_pair
+from ..ops.linear import addmm_into, linear
+from .norm import autocast_dtype, bypassable
 
 _EPILOGUE_OK: dict[tuple[str, torch.dtype], bool] = {}
 
@@ -60,22 +60,6 @@ def project(proj: nn.Module, h: Tensor) -> Tensor:
     if bypassable(proj, nn.Linear) and proj.bias is None:
         return linear(h, proj.weight)
     return proj(h)
-
-
-def norm_fusable(norm: nn.Module, weight: Tensor, x: Tensor) -> bool:
-    """Whether `rms_norm_linear(x, norm.weight, norm.eps, weight)` may replace norm(x) @ weight.T: a plain
-    RMSNorm (`bypassable`) and a batch-1 decoding row (`gemv_wanted`). One Triton kernel then normalises the
-    row and multiplies it."""
-    return bypassable(norm, RMSNorm) and gemv_wanted(x, weight)
-
-
-def norm_project(norm: nn.Module, proj: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
-    """(proj(norm(x)), x for the residual) as `norm_pair` and `project` give them, fused where
-    `norm_fusable` (a plain bias-free nn.Linear)."""
-    if bypassable(proj, nn.Linear) and proj.bias is None and norm_fusable(norm, proj.weight, x):
-        return rms_norm_linear(x, norm.weight, norm.eps, proj.weight), x
-    h, x = norm_pair(norm, x)
-    return project(proj, h), x
 
 
 def add_projection(x: Tensor, y: Tensor, proj: nn.Linear, inplace: bool = False) -> Tensor:

@@ -21,34 +21,23 @@ from .scan.kernel import round_to
 
 @triton.jit
 def _gemv_kernel(
-    X, W, OUT, NW, N, K, stride_xm, stride_wn, stride_om, eps,
+    X, W, OUT, N, K, stride_xm, stride_wn, stride_om,
     BN: tl.constexpr, BK: tl.constexpr, ACCUMULATE: tl.constexpr, EVEN: tl.constexpr,
-    NORM: tl.constexpr, BKX: tl.constexpr,
 ):  # fmt: skip
     m = tl.program_id(1).to(tl.int64)
     n = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
     k = tl.arange(0, BK)
     rows = W + n[:, None] * stride_wn + k[None, :]
     xs = X + m * stride_xm + k
-    if NORM:  # RMSNorm of the row first, as `_rms_fwd_kernel` computes it (one sum over the whole row)
-        kx = tl.arange(0, BKX)
-        xr = tl.load(X + m * stride_xm + kx, mask=kx < K, other=0.0).to(tl.float32)
-        rstd = 1.0 / tl.sqrt(tl.sum(xr * xr, 0) / K + eps)
     acc = tl.zeros([BN, BK], dtype=tl.float32)
     for k0 in range(0, K, BK):
         if EVEN:  # N % BN == 0 and K % BK == 0: no masks in the loop
             w = tl.load(rows + k0)
             x = tl.load(xs + k0)
-            if NORM:
-                nw = tl.load(NW + k0 + k)
         else:
             kk = k0 + k
             w = tl.load(rows + k0, mask=(n[:, None] < N) & (kk[None, :] < K), other=0.0)
             x = tl.load(xs + k0, mask=kk < K, other=0.0)
-            if NORM:
-                nw = tl.load(NW + k0 + k, mask=kk < K, other=0.0)
-        if NORM:  # the normed row, rounded to x's dtype as the norm would return it
-            x = round_to(x.to(tl.float32) * rstd * nw.to(tl.float32), X.dtype.element_ty)
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
     y = tl.sum(acc, axis=1)
     dst = OUT + m * stride_om + n
@@ -65,32 +54,20 @@ def gemv_tile(K: int) -> tuple[int, int, int]:
 
 
 def gemv_triton(
-    x: Tensor,
-    w: Tensor,
-    out: Tensor | None = None,
-    accumulate: bool = False,
-    tile=None,
-    norm_weight: Tensor | None = None,
-    eps: float = 0.0,
+    x: Tensor, w: Tensor, out: Tensor | None = None, accumulate: bool = False, tile=None
 ) -> Tensor:
     """x [M, K] @ w.T for w [N, K] (unit stride along K for both), into out [M, N] (new, in x's dtype, when
-    None); with accumulate, out += x @ w.T. The sum is in fp32 and rounded once to out's dtype. With
-    norm_weight [K], each row of x is RMS-normalised first (`rms_norm(x, norm_weight, eps)`, rounded to x's
-    dtype): one kernel instead of a norm and a product."""
+    None); with accumulate, out += x @ w.T. The sum is in fp32 and rounded once to out's dtype."""
     M, K = x.shape
     N = w.shape[0]
     if out is None:
         if accumulate:
             raise ValueError("accumulate=True needs an out tensor to add to")
         out = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    if norm_weight is not None and tuple(norm_weight.shape) != (K,):
-        raise ValueError(f"norm_weight must be [K] = [{K}], got {tuple(norm_weight.shape)}")
     bn, bk, warps = tile or gemv_tile(K)
     even = N % bn == 0 and K % bk == 0
-    norm = norm_weight is not None
     _gemv_kernel[(triton.cdiv(N, bn), M)](
-        x, w, out, norm_weight if norm else x, N, K, x.stride(0), w.stride(0), out.stride(0), eps,
-        BN=bn, BK=bk, ACCUMULATE=accumulate, EVEN=even, NORM=norm,
-        BKX=triton.next_power_of_2(K) if norm else 16, num_warps=warps,
+        x, w, out, N, K, x.stride(0), w.stride(0), out.stride(0),
+        BN=bn, BK=bk, ACCUMULATE=accumulate, EVEN=even, num_warps=warps,
     )  # fmt: skip
     return out

@@ -1,10 +1,9 @@
 """x @ weight.T for inference, taking the Triton one-row product (`gemv_triton`) where it is faster.
 
 A batch-1 decode step is about a hundred products of one row by a weight matrix. On CUDA, without autograd,
-for one row of x in fp16 or bf16 with the weight's dtype and no autocast, `linear`, `rms_norm_linear` (the
-block's RMSNorm fused in) and `addmm_into` use the Triton kernel (7-35% less time per product than cuBLAS
-on an H200, see `gemv_triton`); anything else goes to torch (F.linear, addmm_) and `rms_norm`. Not inside
-torch.compile, nor with RATLM_BACKEND=torch.
+for one row of x in fp16 or bf16 with the weight's dtype and no autocast, `linear` and `addmm_into` use the
+Triton kernel (7-35% less time per product than cuBLAS on an H200, see `gemv_triton`); anything else goes to
+torch (F.linear, addmm_). Not inside torch.compile, nor with RATLM_BACKEND=torch.
 """
 
 from __future__ import annotations
@@ -14,10 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .backend import fast_path_wanted
-from .norm import rms_norm
 
 _HALF = (torch.float16, torch.bfloat16)
-MAX_NORM_WIDTH = 16384  # rms_norm_linear's kernel holds a whole row in registers
 
 
 def gemv_wanted(x: Tensor, weight: Tensor) -> bool:
@@ -44,17 +41,6 @@ def linear(x: Tensor, weight: Tensor) -> Tensor:
 
         return gemv_triton(x.reshape(1, -1), weight).view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight)
-
-
-def rms_norm_linear(x: Tensor, norm_weight: Tensor, eps: float, weight: Tensor) -> Tensor:
-    """F.linear(rms_norm(x, norm_weight, eps), weight): the norm fused into the Triton one-row product where
-    `gemv_wanted` (and the row fits the kernel's one load, K <= MAX_NORM_WIDTH)."""
-    if gemv_wanted(x, weight) and x.shape[-1] <= MAX_NORM_WIDTH and norm_weight.is_cuda:
-        from .gemv_triton import gemv_triton
-
-        out = gemv_triton(x.reshape(1, -1), weight, norm_weight=norm_weight, eps=eps)
-        return out.view(*x.shape[:-1], weight.shape[0])
-    return linear(rms_norm(x, norm_weight, eps), weight)
 
 
 def addmm_into(out: Tensor, y: Tensor, weight: Tensor) -> Tensor:

@@ -75,14 +75,14 @@ def _attend(
         tile_mask = valid[:, None] & mask[None, :]
         k1 = tl.load(k_ptr + ptrs, mask=tile_mask, other=0.0).to(tl.float32)
         k2 = tl.load(k_ptr + HALF + ptrs, mask=tile_mask, other=0.0).to(tl.float32)
-        v1 = tl.load(v_ptr + ptrs, mask=tile_mask, other=0.0).to(tl.float32)  # in flight with the keys
-        v2 = tl.load(v_ptr + HALF + ptrs, mask=tile_mask, other=0.0).to(tl.float32)
         s = (tl.sum(k1 * q1[None, :], axis=1) + tl.sum(k2 * q2[None, :], axis=1)) * scale
         s = tl.where(valid, s, -float("inf"))
         m_new = tl.maximum(m, tl.max(s, axis=0))
         m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)  # keeps exp() away from -inf - -inf
         alpha = tl.exp(m - m_ref)
         p = tl.exp(s - m_ref)
+        v1 = tl.load(v_ptr + ptrs, mask=tile_mask, other=0.0).to(tl.float32)
+        v2 = tl.load(v_ptr + HALF + ptrs, mask=tile_mask, other=0.0).to(tl.float32)
         l = l * alpha + tl.sum(p, axis=0)
         acc1 = acc1 * alpha + tl.sum(p[:, None] * v1, axis=0)
         acc2 = acc2 * alpha + tl.sum(p[:, None] * v2, axis=0)
