@@ -57,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         help="only sweep the decode tiles of this layer step (repeatable), e.g. swa:4096:512",
     )
     p.add_argument(
-        "--tiles", default="0x0,16x1,32x1,32x2,64x4,16x4", help="BLOCK_Nxwarps for --sweep (0x0: default)"
+        "--tiles",
+        default="0x0,16x1,32x1,32x2,64x4,16x4",
+        help="BLOCK_NxWARPS or BLOCK_NxWARPSxSPLITS for --sweep (0x0: the default plan)",
     )
     args = p.parse_args(argv)
     scale = bench.tiny_scale("cpu") if args.tiny else bench.paper_scale()
