@@ -132,23 +132,22 @@ def test_attention_kernel_matches_twin(kernels, cls, N, positions, splits):
 def test_plan_splits_fills_the_card_only_when_few_queries(kernels):
     plan = kernels[0].plan_splits
     dev = torch.device("cpu")  # plans as for 4 multiprocessors
-    assert plan(4096, 256, 64, dev) == (1, 256, 16, 1)  # many pairs: no split, tiles of 16 on one warp
-    assert plan(4096, 256, 64, dev, dict(num_warps=4))[2:] == (16, 4)  # a given warp count is kept
-    splits, split_len, block_n, _ = plan(2, 4096, 64, dev)
-    assert splits > 1 and splits * split_len >= 4096 and split_len % block_n == 0
-    assert plan(2, 8, 64, dev)[0] == 1  # too few slots to split
-    assert plan(2, 4096, 64, dev, dict(splits=3, block_n=16))[:3] == (3, 1376, 16)
+    assert plan(4096, 256, dev) == (1, 256, 16, 1)  # many pairs: no split, tiles of 16 on one warp
+    assert plan(4096, 256, dev, dict(num_warps=4))[2:] == (32, 4)  # a given warp count: the caller's tile
+    assert plan(2, 4096, dev) == (16, 256, 32, 2)  # split: 8 programs per multiprocessor, (32, 2) tiles
+    assert plan(2, 8, dev)[0] == 1  # too few slots to split
+    assert plan(2, 4096, dev, dict(splits=3, block_n=16))[:3] == (3, 1376, 16)
 
 
 def test_rat_tiles_follow_the_measured_choices_and_keep_given_ones(kernels):
     plan = kernels[1].plan_tiles
     dev = torch.device("cpu")  # plans as for 4 multiprocessors
-    assert plan(4096, 256, 64, dev)[0::2] == (1, 16) and plan(4096, 256, 64, dev)[3] == 1  # one warp
-    splits, split_len, block_n, warps = plan(2, 4096, 64, dev)  # split: tiles of 64, two or more per split
+    assert plan(4096, 256, dev)[0::2] == (1, 16) and plan(4096, 256, dev)[3] == 1  # one warp
+    splits, split_len, block_n, warps = plan(2, 4096, dev)  # split: tiles of 64, two or more per split
     assert (splits, split_len, block_n, warps) == (16, 256, 64, 2)
-    assert plan(2, 200, 64, dev)[2] == 32  # splits shorter than two tiles of 64 keep tiles of 32
-    assert plan(4096, 256, 64, dev, dict(block_n=32))[2:] == (32, 2)  # a given tile is kept
-    assert plan(2, 4096, 64, dev, dict(splits=3))[:3] == (3, 1376, 32)  # given splits: tiles of 32 divide it
+    assert plan(2, 200, dev)[2] == 32  # splits shorter than two tiles of 64 keep tiles of 32
+    assert plan(4096, 256, dev, dict(block_n=32))[2:] == (32, 2)  # a given tile is kept
+    assert plan(2, 4096, dev, dict(splits=3))[:3] == (3, 1376, 32)  # given splits: tiles of 32 divide it
 
 
 def test_rat_kernel_with_its_default_tiles_matches_twin(kernels):
@@ -157,7 +156,7 @@ def test_rat_kernel_with_its_default_tiles_matches_twin(kernels):
     state = rat_state([0, 9, 4000], L, d, C, H=2)
     twin_state = copy.deepcopy(state)
     args = rat_inputs(d, H=2)
-    assert kernels[1].plan_tiles(B * 2, C, d // 2, torch.device("cpu"))[2] == 64
+    assert kernels[1].plan_tiles(B * 2, C, torch.device("cpu"))[2] == 64
     out = kernels[1].rat_decode_triton(*args, state, L, "rope")
     expected = rat_decode_naive(*args, twin_state, L, "rope")
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)

@@ -204,26 +204,26 @@ def _sm_count(device: torch.device) -> int:
 def plan_splits(
     bh: int,
     num_slots: int,
-    half: int,
     device: torch.device,
     config: dict | None = None,
-    block_n: int | None = None,
-    programs_per_sm: int = 4,
+    block_n: int = 32,
+    programs_per_sm: int = 8,
 ):
     """(splits, slots per split, BLOCK_N, num_warps) for B*H = bh queries over `num_slots` cache slots.
 
     Enough programs to fill the card: one per (sequence, head) when there are many, otherwise split the slots
-    (at least two tiles per split) until about `programs_per_sm` programs per multiprocessor. Tiles of 16
-    slots on two warps keep a d=128 program near 100 registers (no spills with Triton 3.6 or 3.9), so many
-    programs share a multiprocessor and keep loads in flight. Without a split, each program takes tiles of 16
-    on one warp: on the H200 at T=4096, batch 512, a layer's step took 1003 against 1350 us for sliding
-    window (W 1024) and 3948 against 5234 for attention with (16, 2), and 325 against 350 for RAT
-    (benchmarks/decode_ab.py --sweep; bench_decode-sweep-swa-attn-h200-2026-11-29.jsonl). `config`
-    overrides any of "splits", "block_n", "num_warps" (benchmarks use it to compare settings); `block_n` is
-    the caller's default tile.
+    (at least two tiles per split) until about `programs_per_sm` programs per multiprocessor. Measured on the
+    H200 (benchmarks/decode_ab.py --sweep, one layer's step):
+    - without a split, tiles of 16 slots on one warp. T=4096, batch 512: sliding window (W 1024) 1003
+      against 1350 us with (16, 2), attention 3948 against 5234, RAT 325 against 350
+      (bench_decode-sweep-swa-attn-h200-2026-11-29.jsonl).
+    - split, tiles of `block_n` slots on two warps, about 8 programs per multiprocessor. Attention at
+      T=131072, batch 1: 66 splits of (32, 2) 274 us, against 511 with 33 splits of (16, 2), and 285 to
+      515 us for 11 other plans (bench_decode-sweep-attn-long-h200-2026-11-29.jsonl).
+    `config` overrides any of "splits", "block_n", "num_warps" (benchmarks use it to compare settings).
     """
     config = {**OVERRIDES, **(config or {})}
-    block_n = config.get("block_n") or block_n or (16 if half >= 64 else 32)
+    block_n = config.get("block_n") or block_n
     num_warps = config.get("num_warps") or 2
     splits = config.get("splits")
     if splits is None:
@@ -231,7 +231,7 @@ def plan_splits(
         want = 1 if bh >= 2 * sms else triton.cdiv(programs_per_sm * sms, bh)
         splits = max(1, min(want, triton.cdiv(num_slots, 2 * block_n)))
     if splits == 1 and "block_n" not in config and "num_warps" not in config:
-        block_n, num_warps = 16, 1  # one program per (sequence, head): see the docstring
+        block_n, num_warps = 16, 1  # one program per (sequence, head): see above
     split_len = triton.cdiv(triton.cdiv(num_slots, splits), block_n) * block_n
     return triton.cdiv(num_slots, split_len), split_len, block_n, num_warps
 
@@ -273,7 +273,7 @@ def attention_decode_triton(
     keys, values = state.keys, state.values
     N = keys.shape[2]
     half = d // 2
-    splits, split_len, block_n, num_warps = plan_splits(B * H, N, half, v.device, config)
+    splits, split_len, block_n, num_warps = plan_splits(B * H, N, v.device, config)
     stats, acc = split_workspace(B * H, splits, d, v.device)
     rope = state.rope if position == "rope" else stats  # any pointer when unused
     out = torch.empty(B, H, d, dtype=v.dtype, device=v.device)
