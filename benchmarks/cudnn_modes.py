@@ -41,6 +41,8 @@ def engine_modes(emit) -> None:
     C = T // L
     dt = torch.bfloat16
     engine = cudnn_engine(dt, d, H, L, torch.device("cuda"))
+    if engine is None:
+        raise SystemExit("cuDNN's chunk attention is unavailable here (see the ratlm.ops log at DEBUG)")
     qo = torch.randn(B, C, H, L, d, device="cuda", dtype=dt)
     ksum, vsum = (torch.randn(B, C, H, d, device="cuda", dtype=dt) for _ in range(2))
     qp = qo.view(B, C, H * L, d)[:, 1:].transpose(1, 2)

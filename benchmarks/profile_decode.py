@@ -4,8 +4,8 @@ Cases: one RAT layer's step (norm, projections, mixer, residual; the benchmark's
 batch 512 and T=131072, batch 1; and a 1.3B model's whole step at its planned Table 1 batch with the cache at
 `--position` tokens (random cache contents, as in the throughput benchmark's sampled steps). Per case: the
 replay's wall time per step (CUDA events, unprofiled), the kernels' sum, the GPU's idle time between them,
-and per kernel its time per step, its launches per step and, for the decode kernels, the bandwidth of the
-cache bytes it must read. JSON in $OUT/profile_decode.json, a table on stdout.
+and per kernel its time per step and its launches per step; layer cases also give the bytes of cache a step
+reads. JSON in $OUT/profile_decode.json, a table on stdout.
 
     PYTHONPATH=src python benchmarks/profile_decode.py [--models rat-1.3b] [--position 3584]
     PYTHONPATH=src python benchmarks/profile_decode.py --tiny       # toy sizes on the CPU: a smoke test
@@ -17,18 +17,14 @@ import argparse
 import functools
 import json
 import os
-import sys
 from pathlib import Path
 
 import torch
 
 from ratlm.bench import decode as bench
-from ratlm.bench.layer import by_kernel, kernel_timeline
+from ratlm.bench.layer import by_kernel, idle_gaps, kernel_timeline
 from ratlm.cache import move_to, plan_batch
 from ratlm.generation import decode_one_token
-
-sys.path.insert(0, str(Path(__file__).parent))
-from profile_layer import idle_gaps  # noqa: E402
 
 
 def profile_steps(step, n: int, states, top: int) -> dict:
@@ -80,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
             step, state = made
             bench.warm_up(step)
             cfg = scale.layer
-            cache = B * cfg.n_heads * (T // cfg.chunk_size) * cfg.head_dim * 2 * 2
+            slots = {"rat": T // cfg.chunk_size, "attn": T, "swa": cfg.window + 1, "rnn": 0}[name]
+            cache = B * cfg.n_heads * slots * cfg.head_dim * 2 * 2
             r = profile_steps(step, n, [state], args.top)
             results.append({"case": f"layer {name} T{T} B{B}", "cache_bytes": cache, **r})
             del step, state

@@ -21,7 +21,16 @@ from pathlib import Path
 
 import torch
 
-from ratlm.bench.layer import LayerBench, _config, _layer, by_kernel, kernel_timeline, layer_step, time_ms
+from ratlm.bench.layer import (
+    LayerBench,
+    _config,
+    _layer,
+    by_kernel,
+    idle_gaps,
+    kernel_timeline,
+    layer_step,
+    time_ms,
+)
 
 
 def profile_one(kind: str, T: int, mode: str, top: int, trace: Path | None = None) -> dict:
@@ -42,19 +51,6 @@ def profile_one(kind: str, T: int, mode: str, top: int, trace: Path | None = Non
     return {"kind": kind, "T": T, "B": B, "mode": mode, "total_ms": total, "wall_ms": wall,
             "host_wait_ms": wall - total, "idle_ms": idle, "gaps": gaps[:top // 2 or 1],
             "kernels": rows[:top]}  # fmt: skip
-
-
-def idle_gaps(timeline: list[tuple[str, float, float]]) -> tuple[float, list[dict]]:
-    """The GPU's idle time inside the profiled call (ms; no kernel running on any stream) and its gaps,
-    longest first, each with the kernels before and after it."""
-    gaps, busy_until, last = [], None, None
-    for name, start, end in timeline:
-        if busy_until is not None and start > busy_until:
-            gaps.append({"us": start - busy_until, "after": last[:80], "before": name[:80]})
-        if busy_until is None or end > busy_until:
-            busy_until, last = end, name
-    gaps.sort(key=lambda g: -g["us"])
-    return sum(g["us"] for g in gaps) / 1e3, gaps
 
 
 def main() -> None:

@@ -139,6 +139,20 @@ def test_plan_splits_fills_the_card_only_when_few_queries(kernels):
     assert plan(2, 4096, dev, dict(splits=3, block_n=16))[:3] == (3, 1376, 16)
 
 
+@pytest.mark.parametrize("cls", [KVState, WindowState])
+def test_attention_kernel_with_its_default_plan_matches_twin(kernels, cls):
+    """No config: 1000 slots for 2 (sequence, head) pairs of each row split in 32-slot tiles."""
+    d, N = 8, 1000
+    assert kernels[0].plan_splits(B * 2, N, torch.device("cpu"))[0] > 1
+    state = kv_state(cls, [3, 400, 999], N, d, max_len=1024, H=2)
+    twin_state = copy.deepcopy(state)
+    q, k, v = (torch.randn(B, 2, d) for _ in range(3))
+    out = kernels[0].attention_decode_triton(q, k, v, state, "rope")
+    expected = attention_decode_naive(q, k, v, twin_state, "rope")
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert_same_state(state, twin_state, atol=1e-5)
+
+
 def test_rat_tiles_follow_the_measured_choices_and_keep_given_ones(kernels):
     plan = kernels[1].plan_tiles
     dev = torch.device("cpu")  # plans as for 4 multiprocessors

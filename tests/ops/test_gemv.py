@@ -79,6 +79,23 @@ def test_accumulate_needs_out():
         gemv_triton(x, w, accumulate=True)
 
 
+@pytest.mark.parametrize(
+    "x, w, out",
+    [
+        (torch.randn(8), torch.randn(4, 8), None),  # x not [M, K]
+        (torch.randn(1, 8), torch.randn(4, 6), None),  # K differs
+        (torch.randn(1, 16)[:, ::2], torch.randn(4, 8), None),  # x strided along K
+        (torch.randn(1, 8), torch.randn(8, 4).t(), None),  # w strided along K
+        (torch.randn(1, 8), torch.randn(4, 8), torch.empty(1, 3)),  # out too short
+        (torch.randn(1, 8), torch.randn(4, 8), torch.empty(2, 4)),  # out has more rows than x
+        (torch.randn(1, 8), torch.randn(4, 8), torch.empty(1, 8)[:, ::2]),  # out strided along N
+    ],
+)
+def test_shapes_and_strides_are_checked(x, w, out):
+    with pytest.raises(ValueError, match="unit stride"):
+        gemv_triton(x, w, out)
+
+
 @pytest.fixture
 def fast_here(monkeypatch):
     """Let the dispatch take the Triton path on the CPU (the interpreter runs it)."""
@@ -97,6 +114,27 @@ def test_dispatch_takes_one_half_precision_row_without_autograd(fast_here):
     assert not wanted(x, w.requires_grad_())  # autograd would need a backward
     with torch.no_grad():
         assert wanted(x, w)
+
+
+def test_dispatch_off_under_autocast_to_another_dtype_and_for_empty_rows(fast_here):
+    wanted = linear_module.gemv_wanted
+    w = torch.randn(16, 32, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert wanted(torch.randn(1, 32, dtype=torch.bfloat16), w)  # autocast to the same dtype: no change
+        assert not wanted(torch.randn(1, 32, dtype=torch.float16), w.half())  # autocast would cast to bf16
+    assert not wanted(torch.randn(1, 0, dtype=torch.bfloat16), torch.randn(16, 0, dtype=torch.bfloat16))
+
+
+def test_addmm_into_leaves_other_outs_to_torch(fast_here):
+    """A strided or many-row out is not the kernel's: torch's addmm_ computes it, as before."""
+    w = torch.randn(8, 40, dtype=torch.bfloat16)
+    y = torch.randn(1, 40, dtype=torch.bfloat16)
+    buf = torch.randn(1, 16, dtype=torch.bfloat16)
+    expected = buf[:, ::2].clone().addmm_(y, w.t())
+    linear_module.addmm_into(buf[:, ::2], y, w)
+    torch.testing.assert_close(buf[:, ::2], expected, rtol=0, atol=0)
+    with pytest.raises(RuntimeError):  # torch refuses one row added into two, as before the kernel
+        linear_module.addmm_into(torch.zeros(2, 4, dtype=torch.bfloat16), y, w[:4])
 
 
 def test_dispatch_off_the_gpu_without_the_patch():
@@ -138,7 +176,9 @@ def test_batch1_decode_with_the_triton_products_matches_torch(fast_here, monkeyp
     ids = torch.randint(0, 64, (1, 6))
     calls = []
     real = gemv_module.gemv_triton
-    monkeypatch.setattr(gemv_module, "gemv_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(
+        gemv_module, "gemv_triton", lambda *a, **k: calls.append(k.get("accumulate", False)) or real(*a, **k)
+    )
 
     def decode(fast: bool):
         cache = model.new_cache(1, 8)
@@ -151,7 +191,8 @@ def test_batch1_decode_with_the_triton_products_matches_torch(fast_here, monkeyp
         return torch.stack(out).float()
 
     fast = decode(True)
-    assert len(calls) >= 2 * (2 * 4 + 1)  # per step: 4 products in each of 2 blocks, and the logits
+    # per step and block: the input projection and fc1, and the two residual products accumulated; the logits
+    assert sorted(calls) == [False] * 2 * (2 * 2 + 1) + [True] * 2 * (2 * 2)
     torch.testing.assert_close(fast, decode(False), rtol=3e-2, atol=3e-2)
 
 

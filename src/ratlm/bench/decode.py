@@ -367,8 +367,8 @@ def layer_case(
     """One mixer layer's decode step (norm, projections, mixer, residual) at T cached tokens, batch B.
 
     tiling: (BLOCK_N, num_warps) or (BLOCK_N, num_warps, splits) for the decode kernels instead of their
-    defaults. inplace: the residual added by the output projection's GEMM, as the model's cached forward
-    does (False: a GEMM and an add, as before that change).
+    defaults (0: the default). inplace: the residual added by the output projection's GEMM, as the model's
+    cached forward does (False: a GEMM and an add, as before that change).
     """
     from ..ops.attention import decode_triton
 
@@ -384,7 +384,8 @@ def layer_case(
     one, state = made
     decode_triton.OVERRIDES.clear()
     if tiling:
-        decode_triton.OVERRIDES.update(zip(("block_n", "num_warps", "splits"), tiling, strict=False))
+        given = zip(("block_n", "num_warps", "splits"), tiling, strict=False)
+        decode_triton.OVERRIDES.update((k, v) for k, v in given if v)  # 0: the planner's choice
     try:
         with torch.no_grad():
             warm_up(one)

@@ -176,6 +176,19 @@ def by_kernel(timeline: list[tuple[str, float, float]]) -> list[dict]:
     return sorted(kernels.values(), key=lambda r: -r["ms"])
 
 
+def idle_gaps(timeline: list[tuple[str, float, float]]) -> tuple[float, list[dict]]:
+    """The GPU's idle time inside the profiled call (ms; no kernel running on any stream) and its gaps,
+    longest first, each with the kernels before and after it."""
+    gaps, busy_until, last = [], None, None
+    for name, start, end in timeline:
+        if busy_until is not None and start > busy_until:
+            gaps.append({"us": start - busy_until, "after": last[:80], "before": name[:80]})
+        if busy_until is None or end > busy_until:
+            busy_until, last = end, name
+    gaps.sort(key=lambda g: -g["us"])
+    return sum(g["us"] for g in gaps) / 1e3, gaps
+
+
 def kernel_times(fn, trace: Path | None = None) -> list[dict]:
     """GPU kernels of one call of fn: name, total ms and launches, largest first (see `kernel_timeline`)."""
     return by_kernel(kernel_timeline(fn, trace))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..ops.backend import autocast_dtype
 from ..ops.norm import rms_norm, rms_norm_pair
 
 
@@ -21,12 +22,6 @@ def bypassable(module: nn.Module, cls: type) -> bool:
         and not (g._global_forward_hooks or g._global_forward_pre_hooks)
         and not (g._global_backward_hooks or g._global_backward_pre_hooks)
     )
-
-
-def autocast_dtype(device_type: str) -> torch.dtype | None:
-    """The dtype autocast computes matmuls in on this kind of device, or None when autocast is off there."""
-    on = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
-    return torch.get_autocast_dtype(device_type) if on else None
 
 
 class RMSNorm(nn.Module):

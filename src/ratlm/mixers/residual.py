@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..ops.backend import fast_path_wanted
+from ..ops.backend import autocast_dtype, fast_path_wanted
 from ..ops.linear import addmm_into, linear
-from .norm import autocast_dtype, bypassable
+from .norm import bypassable
 
 _EPILOGUE_OK: dict[tuple[str, torch.dtype], bool] = {}
 
@@ -54,19 +54,22 @@ class _AddProjection(torch.autograd.Function):  # first-order only: double backw
         return dout, dy, dw
 
 
+def plain_linear(proj: nn.Module) -> bool:
+    """Whether proj(h) is just h @ proj.weight.T: a plain bias-free nn.Linear with no hooks (`bypassable`)."""
+    return bypassable(proj, nn.Linear) and proj.bias is None
+
+
 def project(proj: nn.Module, h: Tensor) -> Tensor:
-    """proj(h); for a plain bias-free nn.Linear with no hooks (`bypassable`), through `ratlm.ops.linear`,
-    which takes the Triton one-row product in batch-1 decoding."""
-    if bypassable(proj, nn.Linear) and proj.bias is None:
-        return linear(h, proj.weight)
-    return proj(h)
+    """proj(h); for a `plain_linear`, through `ratlm.ops.linear`, which takes the Triton one-row product in
+    batch-1 decoding."""
+    return linear(h, proj.weight) if plain_linear(proj) else proj(h)
 
 
 def add_projection(x: Tensor, y: Tensor, proj: nn.Linear, inplace: bool = False) -> Tensor:
     """x + proj(y) for x [..., D] and y [..., D_in] with the same leading shape.
 
-    Both fused paths below need a plain bias-free nn.Linear with no hooks (`bypassable`); anything else
-    (a wrapper such as a LoRA layer computes more than x @ weight.T) is called: x + proj(y).
+    Both fused paths below need a `plain_linear` projection; anything else (a wrapper such as a LoRA layer
+    computes more than x @ weight.T) is called: x + proj(y).
 
     Under half-precision autocast on CUDA with an fp32 residual stream x (mixed-precision training and
     prefill), one GEMM adds x in its epilogue (`_AddProjection`): 0.4 ms less per layer at 262,144 tokens
@@ -79,7 +82,7 @@ def add_projection(x: Tensor, y: Tensor, proj: nn.Linear, inplace: bool = False)
     row, the Triton product of `ratlm.ops.linear.addmm_into`). The result is rounded once instead of
     twice. Not with autograd or autocast on, another dtype or x not contiguous.
     """
-    if not (bypassable(proj, nn.Linear) and proj.bias is None):  # only x @ weight.T can be fused
+    if not plain_linear(proj):  # only x @ weight.T can be fused
         return x + proj(y)
     half = autocast_dtype(x.device.type)
     same_dtype = x.dtype == y.dtype == proj.weight.dtype

@@ -56,14 +56,22 @@ def gemv_tile(K: int) -> tuple[int, int, int]:
 def gemv_triton(
     x: Tensor, w: Tensor, out: Tensor | None = None, accumulate: bool = False, tile=None
 ) -> Tensor:
-    """x [M, K] @ w.T for w [N, K] (unit stride along K for both), into out [M, N] (new, in x's dtype, when
-    None); with accumulate, out += x @ w.T. The sum is in fp32 and rounded once to out's dtype."""
-    M, K = x.shape
-    N = w.shape[0]
+    """x [M, K] @ w.T for w [N, K] (unit stride along K for both), into out [M, N] (unit stride along N; new,
+    in x's dtype, when None); with accumulate, out += x @ w.T. The sum is in fp32 and rounded once to out's
+    dtype. Raises ValueError for other shapes or strides."""
+    if x.dim() != 2 or w.dim() != 2 or w.shape[1] != x.shape[1] or x.stride(1) != 1 or w.stride(1) != 1:
+        raise ValueError(
+            f"x [M, K] and w [N, K] with unit strides along K; got x {tuple(x.shape)} strides {x.stride()}, "
+            f"w {tuple(w.shape)} strides {w.stride()}"
+        )
+    (M, K), N = x.shape, w.shape[0]
     if out is None:
         if accumulate:
             raise ValueError("accumulate=True needs an out tensor to add to")
         out = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    elif tuple(out.shape) != (M, N) or out.stride(1) != 1:
+        raise ValueError(f"out must be [M, N] = [{M}, {N}] with unit stride along N, got {tuple(out.shape)} "
+                         f"strides {out.stride()}")  # fmt: skip
     bn, bk, warps = tile or gemv_tile(K)
     even = N % bn == 0 and K % bk == 0
     _gemv_kernel[(triton.cdiv(N, bn), M)](

@@ -1,9 +1,9 @@
 """x @ weight.T for inference, taking the Triton one-row product (`gemv_triton`) where it is faster.
 
 A batch-1 decode step is about a hundred products of one row by a weight matrix. On CUDA, without autograd,
-for one row of x in fp16 or bf16 with the weight's dtype and no autocast, `linear` and `addmm_into` use the
-Triton kernel (7-35% less time per product than cuBLAS on an H200, see `gemv_triton`); anything else goes to
-torch (F.linear, addmm_). Not inside torch.compile, nor with RATLM_BACKEND=torch.
+for one row of x in fp16 or bf16 with the weight's dtype (autocast off, or to that same dtype), `linear` and
+`addmm_into` use the Triton kernel (7-35% less time per product than cuBLAS on an H200, see `gemv_triton`);
+anything else goes to torch (F.linear, addmm_). Not inside torch.compile, nor with RATLM_BACKEND=torch.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backend import fast_path_wanted
+from .backend import autocast_dtype, fast_path_wanted
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -20,14 +20,14 @@ _HALF = (torch.float16, torch.bfloat16)
 def gemv_wanted(x: Tensor, weight: Tensor) -> bool:
     """Whether the Triton one-row product takes x [..., K] @ weight.T (weight [N, K])."""
     return (
-        weight.dim() == 2
-        and x.shape[-1] == weight.shape[1]
+        not torch.compiler.is_compiling()
+        and weight.dim() == 2
+        and 0 < x.shape[-1] == weight.shape[1]
         and x.numel() == x.shape[-1]  # one row
         and x.dtype == weight.dtype
         and x.dtype in _HALF
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-        and not torch.compiler.is_compiling()
-        and not (torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") != x.dtype)
+        and autocast_dtype(x.device.type) in (None, x.dtype)
         and fast_path_wanted(x, weight)
         and x.stride(-1) == 1
         and weight.stride(1) == 1
@@ -46,11 +46,11 @@ def linear(x: Tensor, weight: Tensor) -> Tensor:
 def addmm_into(out: Tensor, y: Tensor, weight: Tensor) -> Tensor:
     """out += y @ weight.T in out's memory (out [..., N] contiguous, y [..., K], weight [N, K]); returns out.
     The sum is rounded once to out's dtype."""
-    out2 = out.view(-1, out.shape[-1])
-    if gemv_wanted(y, weight) and out.dtype == y.dtype:
+    one_row = out.numel() == out.shape[-1] == weight.shape[0] and out.stride(-1) == 1
+    if one_row and out.dtype == y.dtype and gemv_wanted(y, weight):
         from .gemv_triton import gemv_triton
 
-        gemv_triton(y.reshape(1, -1), weight, out2, accumulate=True)
+        gemv_triton(y.reshape(1, -1), weight, out.view(1, -1), accumulate=True)
     else:
-        out2.addmm_(y.reshape(-1, y.shape[-1]), weight.t())
+        out.view(-1, out.shape[-1]).addmm_(y.reshape(-1, y.shape[-1]), weight.t())
     return out
