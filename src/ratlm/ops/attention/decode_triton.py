@@ -219,7 +219,9 @@ def plan_splits(
       (bench_decode-sweep-swa-attn-h200-2026-11-29.jsonl).
     - split, tiles of `block_n` slots on two warps, about 8 programs per multiprocessor. Attention at
       T=131072, batch 1: 66 splits of (32, 2) 274 us, against 511 with 33 splits of (16, 2), and 285 to
-      515 us for 11 other plans (bench_decode-sweep-attn-long-h200-2026-11-29.jsonl).
+      515 us for 11 other plans (bench_decode-sweep-attn-long-h200-2026-11-29.jsonl). RAT there: 42.4 us
+      against 44.3 with tiles of 64 (bench_decode-final-h200-2026-11-29.jsonl; 42.4 against 44.4 in
+      bench_decode-gemv-h200-2026-11-29.jsonl).
     `config` overrides any of "splits", "block_n", "num_warps" (benchmarks use it to compare settings).
     """
     config = {**OVERRIDES, **(config or {})}

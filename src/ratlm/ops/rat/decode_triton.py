@@ -17,7 +17,6 @@ from torch import Tensor
 
 from ...cache import RATState, advance
 from ..attention.decode_triton import (
-    OVERRIDES,
     _attend,
     _halves,
     _merge_splits,
@@ -106,28 +105,6 @@ def _rat_step_kernel(
     _store_halves(values + c * stride_kn, vs1, vs2, offs, closes, HALF)
 
 
-def plan_tiles(bh: int, num_slots: int, device: torch.device, config: dict | None = None):
-    """`plan_splits` with RAT's tiles, from the H200 sweeps of benchmarks/decode_ab.py (step of one layer,
-    projections included; benchmarks/results/bench_decode-ab-h200-2026-11-29.jsonl and
-    bench_decode-tiles-h200-2026-11-29.jsonl):
-
-    - one program per (sequence, head) (many of them): 16 summaries per tile on one warp, as `plan_splits`
-      plans it for every mixer. T=4096, B=512: 320 us against 346 with (32, 2) and 438 with (16, 2);
-      T=16384, B=512: 1013 against 1055 us.
-    - split over the summaries (few sequences): planned as `plan_splits` plans it (tiles of 32, about 8
-      programs per multiprocessor), then tiles of 64 where a split holds two or more. T=131072, B=1:
-      64 splits of 128, 45.1 us against 48.6 with 32 splits of 256 and tiles of 32 (4 programs per
-      multiprocessor).
-    A tile or warp count given in `config` (or `OVERRIDES`) is kept as given.
-    """
-    given = {**OVERRIDES, **(config or {})}
-    splits, split_len, block_n, num_warps = plan_splits(bh, num_slots, device, config)
-    tiles_given = "block_n" in given or "num_warps" in given
-    if splits > 1 and not tiles_given and split_len % 64 == 0 and split_len >= 128:
-        block_n = 64
-    return splits, split_len, block_n, num_warps
-
-
 def rat_decode_triton(
     q: Tensor,
     k: Tensor,
@@ -150,7 +127,7 @@ def rat_decode_triton(
     keys, values = state.keys, state.values
     C = keys.shape[2]
     half = d // 2
-    splits, split_len, block_n, num_warps = plan_tiles(B * H, C, v.device, config)
+    splits, split_len, block_n, num_warps = plan_splits(B * H, C, v.device, config)
     stats, acc = split_workspace(B * H, splits, d, v.device)
     rope = state.rope if position == "rope" else stats  # any pointer when unused
     out = torch.empty(B, H, d, dtype=v.dtype, device=v.device)
