@@ -19,20 +19,13 @@ from pathlib import Path
 
 import torch
 
-from ratlm.bench.layer import LayerBench, _config, _layer, kernel_times, layer_step
+from ratlm.bench.layer import LayerBench, _config, _layer, kernel_times, layer_step, time_ms
 from ratlm.ops.rat.engines import cudnn_engine
 
 
-def cuda_ms(fn, reps: int = 5) -> list[float]:
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return times
+def cuda_ms(fn) -> list[float]:
+    """Milliseconds of 5 back-to-back calls, each timed by CUDA events."""
+    return time_ms(fn, 0.0, cuda=True, min_reps=5, max_reps=5)[1]
 
 
 def engine_modes(emit) -> None:
