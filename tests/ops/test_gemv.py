@@ -137,6 +137,24 @@ def test_addmm_into_leaves_other_outs_to_torch(fast_here):
         linear_module.addmm_into(torch.zeros(2, 4, dtype=torch.bfloat16), y, w[:4])
 
 
+def test_forward_mode_and_torch_func_take_torch_path(fast_here):
+    """A tangent is carried (the kernel would drop it) and torch.func's wrappers work (the kernel cannot read
+    their storage)."""
+    import torch.autograd.forward_ad as fwAD
+
+    w = torch.randn(16, 32, dtype=torch.bfloat16)
+    x = torch.randn(1, 32, dtype=torch.bfloat16)
+    t = torch.randn(1, 32, dtype=torch.bfloat16)
+    with torch.no_grad(), fwAD.dual_level():
+        out = linear_module.linear(fwAD.make_dual(x, t), w)
+        tangent = fwAD.unpack_dual(out).tangent
+    assert tangent is not None
+    torch.testing.assert_close(tangent, F.linear(t, w))
+    with torch.no_grad():
+        _, jvp_out = torch.func.jvp(lambda a: linear_module.linear(a, w), (x,), (t,))
+    torch.testing.assert_close(jvp_out, F.linear(t, w))
+
+
 def test_dispatch_off_the_gpu_without_the_patch():
     w = torch.randn(16, 32, dtype=torch.bfloat16)
     assert not linear_module.gemv_wanted(torch.randn(1, 32, dtype=torch.bfloat16), w)

@@ -9,6 +9,7 @@ anything else goes to torch (F.linear, addmm_). Not inside torch.compile, nor wi
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -31,7 +32,15 @@ def gemv_wanted(x: Tensor, weight: Tensor) -> bool:
         and fast_path_wanted(x, weight)
         and x.stride(-1) == 1
         and weight.stride(1) == 1
+        and not any(_transformed(t) for t in (x, weight))
     )
+
+
+def _transformed(t: Tensor) -> bool:
+    """Whether t carries a forward-mode tangent or is wrapped by torch.func (vmap, jvp, grad): the kernel
+    would drop the tangent or cannot read the storage; torch's path handles both."""
+    wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    return fwAD.unpack_dual(t).tangent is not None or (wrapped is not None and wrapped(t))
 
 
 def linear(x: Tensor, weight: Tensor) -> Tensor:
