@@ -48,7 +48,7 @@ def _gemv_kernel(
 
 def gemv_tile(K: int) -> tuple[int, int, int]:
     """(BN, BK, num_warps): 4 rows of w by up to 1024 columns per step on 4 warps. On the H200 this tile was
-    within 0.5 us of the best of 30 on every 1.3B decode shape, 7-35% faster than cuBLAS at M=1
+    within 0.3 us of the best of 28 on every 1.3B decode shape and took 6-31% less time than cuBLAS at M=1
     (benchmarks/gemv_ab.py --sweep; benchmarks/results/gemv_ab-h200-2026-11-29.jsonl)."""
     return 4, min(1024, triton.next_power_of_2(K)), 4
 

@@ -2,7 +2,7 @@
 
 A batch-1 decode step is about a hundred products of one row by a weight matrix. On CUDA, without autograd,
 for one row of x in fp16 or bf16 with the weight's dtype (autocast off, or to that same dtype), `linear` and
-`addmm_into` use the Triton kernel (7-35% less time per product than cuBLAS on an H200, see `gemv_triton`);
+`addmm_into` use the Triton kernel (3-31% less time per product than cuBLAS on an H200, see `gemv_triton`);
 anything else goes to torch (F.linear, addmm_). Not inside torch.compile, nor with RATLM_BACKEND=torch.
 """
 
