@@ -27,12 +27,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..scan.kernel import round_to
-from .scan_kernels import token_strides
-
-
-@triton.jit
-def _token_ptrs(base, off, sb, sc, sl, sh, b, c, l, h):
-    return base + off + b * sb + c * sc + l * sl + h * sh
+from .scan_kernels import token_ptrs, token_strides
 
 
 @triton.jit
@@ -54,16 +49,16 @@ def _merge_fwd_kernel(
     l = tok - c * L
     e = tl.arange(0, D)[None, :]
     m2 = valid[:, None]
-    q = tl.load(_token_ptrs(QO, so_off, so_b, so_c, so_l, so_h, b, c, l, h)[:, None] + e, mask=m2, other=0.0)
-    k = tl.load(_token_ptrs(KS, ss_off, ss_b, ss_c, ss_l, ss_h, b, c, l, h)[:, None] + e, mask=m2, other=0.0)
-    v = tl.load(_token_ptrs(VS, ss_off, ss_b, ss_c, ss_l, ss_h, b, c, l, h)[:, None] + e, mask=m2, other=0.0)
+    q = tl.load(token_ptrs(QO, so_off, so_b, so_c, so_l, so_h, b, c, l, h)[:, None] + e, mask=m2, other=0.0)
+    k = tl.load(token_ptrs(KS, ss_off, ss_b, ss_c, ss_l, ss_h, b, c, l, h)[:, None] + e, mask=m2, other=0.0)
+    v = tl.load(token_ptrs(VS, ss_off, ss_b, ss_c, ss_l, ss_h, b, c, l, h)[:, None] + e, mask=m2, other=0.0)
     v = v.to(tl.float32)
     if HAS_SUM:
         s = tl.sum(q.to(tl.float32) * k.to(tl.float32), 1) * scale
         has = valid & (c >= 1)
-        p_lse = _token_ptrs(LSE, sl_off, sl_b, sl_c, sl_l, sl_h, b, c, l, h)
+        p_lse = token_ptrs(LSE, sl_off, sl_b, sl_c, sl_l, sl_h, b, c, l, h)
         lse_s = tl.load(p_lse, mask=has, other=float("-inf")) * unit
-        p_o = _token_ptrs(OS, sa_off, sa_b, sa_c, sa_l, sa_h, b, c, l, h)[:, None] + e
+        p_o = token_ptrs(OS, sa_off, sa_b, sa_c, sa_l, sa_h, b, c, l, h)[:, None] + e
         o_s = tl.load(p_o, mask=has[:, None], other=0.0).to(tl.float32)
         mx = tl.maximum(lse_s, s)
         w_s = tl.exp(lse_s - mx)
@@ -76,9 +71,9 @@ def _merge_fwd_kernel(
     else:
         y = v
     if HAS_Z:  # the output gate sigmoid(z); the engine's buffer keeps the ungated output for the backward
-        p_z = _token_ptrs(Z, sz_off, sz_b, sz_c, sz_l, sz_h, b, c, l, h)[:, None] + e
+        p_z = token_ptrs(Z, sz_off, sz_b, sz_c, sz_l, sz_h, b, c, l, h)[:, None] + e
         y = y * tl.sigmoid(tl.load(p_z, mask=m2, other=0.0).to(tl.float32))
-    p_y = _token_ptrs(Y, sy_off, sy_b, sy_c, sy_l, sy_h, b, c, l, h)[:, None] + e
+    p_y = token_ptrs(Y, sy_off, sy_b, sy_c, sy_l, sy_h, b, c, l, h)[:, None] + e
     tl.store(p_y, round_to(y, Y.dtype.element_ty), mask=m2)
 
 
@@ -105,45 +100,45 @@ def _own_bwd_kernel(
     l = tok - c * L
     e = tl.arange(0, D)[None, :]
     m2 = valid[:, None]
-    q = tl.load(_token_ptrs(QO, so_off, so_b, so_c, so_l, so_h, b, c, l, h)[:, None] + e, mask=m2, other=0.0)
-    k = tl.load(_token_ptrs(KS, ss_off, ss_b, ss_c, ss_l, ss_h, b, c, l, h)[:, None] + e, mask=m2, other=0.0)
-    v = tl.load(_token_ptrs(VS, ss_off, ss_b, ss_c, ss_l, ss_h, b, c, l, h)[:, None] + e, mask=m2, other=0.0)
-    dy = tl.load(_token_ptrs(DY, sd_off, sd_b, sd_c, sd_l, sd_h, b, c, l, h)[:, None] + e, mask=m2, other=0.0)
+    q = tl.load(token_ptrs(QO, so_off, so_b, so_c, so_l, so_h, b, c, l, h)[:, None] + e, mask=m2, other=0.0)
+    k = tl.load(token_ptrs(KS, ss_off, ss_b, ss_c, ss_l, ss_h, b, c, l, h)[:, None] + e, mask=m2, other=0.0)
+    v = tl.load(token_ptrs(VS, ss_off, ss_b, ss_c, ss_l, ss_h, b, c, l, h)[:, None] + e, mask=m2, other=0.0)
+    dy = tl.load(token_ptrs(DY, sd_off, sd_b, sd_c, sd_l, sd_h, b, c, l, h)[:, None] + e, mask=m2, other=0.0)
     q = q.to(tl.float32)
     k = k.to(tl.float32)
     v = v.to(tl.float32)
     dyf = dy.to(tl.float32)
     if HAS_SUM:
         has = valid & (c >= 1)
-        p_o = _token_ptrs(OS, sa_off, sa_b, sa_c, sa_l, sa_h, b, c, l, h)[:, None] + e
+        p_o = token_ptrs(OS, sa_off, sa_b, sa_c, sa_l, sa_h, b, c, l, h)[:, None] + e
         y = tl.where(has[:, None], tl.load(p_o, mask=has[:, None], other=0.0).to(tl.float32), v)
     else:  # chunk 0 everywhere: y = v
         y = v
     if HAS_Z:  # dy is the gated output's gradient: z's gradient, then the ungated output's
-        p_z = _token_ptrs(Z, sz_off, sz_b, sz_c, sz_l, sz_h, b, c, l, h)[:, None] + e
+        p_z = token_ptrs(Z, sz_off, sz_b, sz_c, sz_l, sz_h, b, c, l, h)[:, None] + e
         gate = tl.sigmoid(tl.load(p_z, mask=m2, other=0.0).to(tl.float32))
-        p_g = _token_ptrs(DZ, sw_off, sw_b, sw_c, sw_l, sw_h, b, c, l, h)[:, None] + e
+        p_g = token_ptrs(DZ, sw_off, sw_b, sw_c, sw_l, sw_h, b, c, l, h)[:, None] + e
         tl.store(p_g, round_to(dyf * y * gate * (1.0 - gate), DZ.dtype.element_ty), mask=m2)
         dy = round_to(dyf * gate, DY.dtype.element_ty)  # rounded as a separate multiply would round it
         dyf = dy.to(tl.float32)
     dvv = tl.sum(dyf * v, 1)
     if HAS_SUM:
         s = tl.sum(q * k, 1) * scale
-        lse = tl.load(_token_ptrs(LSE, sl_off, sl_b, sl_c, sl_l, sl_h, b, c, l, h), mask=has, other=0.0)
+        lse = tl.load(token_ptrs(LSE, sl_off, sl_b, sl_c, sl_l, sl_h, b, c, l, h), mask=has, other=0.0)
         p = tl.where(has, tl.exp(s - lse * unit), 1.0)
         dd = tl.sum(dyf * y, 1)
     else:  # the own key takes all the weight and has no score gradient
         p = tl.full([BM], 1.0, tl.float32)
         dd = dvv
     ds = p * (dvv - dd)
-    p_g = _token_ptrs(DVS, sg_off, sg_b, sg_c, sg_l, sg_h, b, c, l, h)[:, None] + e
+    p_g = token_ptrs(DVS, sg_off, sg_b, sg_c, sg_l, sg_h, b, c, l, h)[:, None] + e
     tl.store(p_g, round_to(p[:, None] * dyf, DVS.dtype.element_ty), mask=m2)
-    p_g = _token_ptrs(DKS, sg_off, sg_b, sg_c, sg_l, sg_h, b, c, l, h)[:, None] + e
+    p_g = token_ptrs(DKS, sg_off, sg_b, sg_c, sg_l, sg_h, b, c, l, h)[:, None] + e
     tl.store(p_g, round_to(scale * ds[:, None] * q, DKS.dtype.element_ty), mask=m2)
-    p_g = _token_ptrs(DQA, sg_off, sg_b, sg_c, sg_l, sg_h, b, c, l, h)[:, None] + e
+    p_g = token_ptrs(DQA, sg_off, sg_b, sg_c, sg_l, sg_h, b, c, l, h)[:, None] + e
     tl.store(p_g, round_to(scale * ds[:, None] * k, DQA.dtype.element_ty), mask=m2)
     if WRITE_DOP:
-        p_d = _token_ptrs(DOP, sp_off, sp_b, sp_c, sp_l, sp_h, b, c, l, h)[:, None] + e
+        p_d = token_ptrs(DOP, sp_off, sp_b, sp_c, sp_l, sp_h, b, c, l, h)[:, None] + e
         tl.store(p_d, round_to(dy, DOP.dtype.element_ty), mask=m2)
     if WRITE_DD:  # [B, H, T], for an engine that wants D = rowsum(dy * y) precomputed
         tl.store(DD + (b * H + h) * T + tok, dd, mask=valid)

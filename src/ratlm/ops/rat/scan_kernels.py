@@ -38,6 +38,13 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @triton.jit
+def token_ptrs(base, off, sb, sc, sl, sh, b, c, l, h):
+    """Pointers to the head vectors of tokens (chunk c, position l) of batch row b and head h in a per-token
+    tensor with `token_strides` (sb, sc, sl, sh) and element offset off."""
+    return base + off + b * sb + c * sc + l * sl + h * sh
+
+
+@triton.jit
 def _combine2(a1, x1, y1, a2, x2, y2):
     """Two recurrences h -> a h + u sharing the decay; the first argument is the earlier step."""
     return a1 * a2, x1 * a2 + x2, y1 * a2 + y2

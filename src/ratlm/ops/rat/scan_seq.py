@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from ..scan.kernel import round_to
-from .scan_kernels import _gate_of
+from .scan_kernels import _gate_of, token_ptrs
 
 MAX_CHUNK = 16
 
@@ -248,13 +248,13 @@ def _dq_sum_kernel(
     acc2 = tl.zeros([BT, HALF], dtype=tl.float32)
     for j in range(H // NG):
         h = grp + j * NG
-        row_a = sa_off + b * sa_b + c[:, None] * sa_c + l[:, None] * sa_l + h * sa_h + e
-        acc1 += tl.load(DQA + row_a, mask=m2, other=0.0).to(tl.float32)
-        acc2 += tl.load(DQA + row_a + HALF, mask=m2, other=0.0).to(tl.float32)
+        p_a = token_ptrs(DQA, sa_off, sa_b, sa_c, sa_l, sa_h, b, c, l, h)[:, None] + e
+        acc1 += tl.load(p_a, mask=m2, other=0.0).to(tl.float32)
+        acc2 += tl.load(p_a + HALF, mask=m2, other=0.0).to(tl.float32)
         if HAS_DQB:
-            row_b = sb_off + b * sb_b + c[:, None] * sb_c + l[:, None] * sb_l + h * sb_h + e
-            acc1 += tl.load(DQB + row_b, mask=m_b, other=0.0).to(tl.float32)
-            acc2 += tl.load(DQB + row_b + HALF, mask=m_b, other=0.0).to(tl.float32)
+            p_b = token_ptrs(DQB, sb_off, sb_b, sb_c, sb_l, sb_h, b, c, l, h)[:, None] + e
+            acc1 += tl.load(p_b, mask=m_b, other=0.0).to(tl.float32)
+            acc2 += tl.load(p_b + HALF, mask=m_b, other=0.0).to(tl.float32)
     if ROPE:  # the transpose of the rotation at the chunk index
         cos, sin = _rope_of_chunks(COS, SIN, c, C, e, HALF, ROPE)
         acc1, acc2 = acc1 * cos + acc2 * sin, acc2 * cos - acc1 * sin
