@@ -9,8 +9,8 @@ from ..cache import KVState, WindowState, move_to, shared_rope_table
 from ..config import ModelConfig
 from ..ops import apply_rope, attention, rope_cos_sin
 from ..ops.attention.decode import attention_decode
-from .norm import RMSNorm, norm_pair
-from .residual import add_projection, project
+from .norm import RMSNorm
+from .residual import add_projection, norm_project
 
 
 class Attention(nn.Module):
@@ -30,8 +30,7 @@ class Attention(nn.Module):
         """x + the mixer's output; inplace: x may be overwritten with it (see `add_projection`)."""
         B, T, D = x.shape
         H, d = self.n_heads, self.head_dim
-        h, x = norm_pair(self.norm, x)  # x's alias carries the residual (see RMSNorm.pair)
-        u = project(self.in_proj, h)
+        u, x = norm_project(self.norm, self.in_proj, x)
         if state is not None and T == 1:
             # one token per sequence, its position read on the device: the path a CUDA graph captures
             v, q, k = (t.view(B, H, d) for t in u[:, 0].split(D, dim=-1))

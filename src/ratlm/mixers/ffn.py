@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ModelConfig
-from .norm import RMSNorm, norm_pair
-from .residual import add_projection, project
+from .norm import RMSNorm
+from .residual import add_projection, norm_project
 
 
 class FFN(nn.Module):
@@ -19,5 +19,5 @@ class FFN(nn.Module):
 
     def forward(self, x: Tensor, *, inplace: bool = False) -> Tensor:
         """x + fc2(gelu(fc1(norm(x)))); inplace: x may be overwritten with it (see `add_projection`)."""
-        h, x = norm_pair(self.norm, x)  # x's alias carries the residual (see RMSNorm.pair)
-        return add_projection(x, F.gelu(project(self.fc1, h)), self.fc2, inplace)
+        u, x = norm_project(self.norm, self.fc1, x)
+        return add_projection(x, F.gelu(u), self.fc2, inplace)

@@ -12,8 +12,8 @@ from ..config import ModelConfig
 from ..ops import rat_mix, rat_mix_cached
 from ..ops.packed import split_packed
 from ..ops.rat.decode import rat_decode
-from .norm import RMSNorm, norm_pair
-from .residual import add_projection, project
+from .norm import RMSNorm
+from .residual import add_projection, norm_project
 
 
 class RAT(nn.Module):
@@ -43,8 +43,7 @@ class RAT(nn.Module):
         with the result (cached inference, see `add_projection`)."""
         B, T, D = x.shape
         d, G = self.head_dim, self.n_groups
-        h, x = norm_pair(self.norm, x)  # x's alias carries the residual (see RMSNorm.pair)
-        u = project(self.in_proj, h)
+        u, x = norm_project(self.norm, self.in_proj, x)
         if state is not None and T == 1:
             return self._step(x, u, state, inplace)
         # split without a concatenation in the backward: the GPU kernels write the five gradients into one

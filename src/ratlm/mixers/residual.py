@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from ..ops.backend import autocast_dtype, fast_path_wanted
 from ..ops.linear import addmm_into, linear
-from .norm import bypassable
+from .norm import bypassable, norm_pair
 
 _EPILOGUE_OK: dict[tuple[str, torch.dtype], bool] = {}
 
@@ -63,6 +63,13 @@ def project(proj: nn.Module, h: Tensor) -> Tensor:
     """proj(h); for a `plain_linear`, through `ratlm.ops.linear`, which takes the Triton one-row product in
     batch-1 decoding."""
     return linear(h, proj.weight) if plain_linear(proj) else proj(h)
+
+
+def norm_project(norm: nn.Module, proj: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """(proj(norm(x)), x's alias for the residual), the input half of a block x + f(proj(norm(x))): see
+    `norm_pair` (the alias carries the residual's gradient) and `project`."""
+    h, x = norm_pair(norm, x)
+    return project(proj, h), x
 
 
 def add_projection(x: Tensor, y: Tensor, proj: nn.Linear, inplace: bool = False) -> Tensor:

@@ -8,8 +8,8 @@ from torch import Tensor, nn
 from ..cache import RNNState, advance, move_to
 from ..config import ModelConfig
 from ..ops import gated_scan
-from .norm import RMSNorm, norm_pair
-from .residual import add_projection, project
+from .norm import RMSNorm
+from .residual import add_projection, norm_project
 
 
 class RNN(nn.Module):
@@ -30,8 +30,8 @@ class RNN(nn.Module):
     def forward(self, x: Tensor, state: RNNState | None = None, *, inplace: bool = False) -> Tensor:
         """x + the mixer's output; inplace: x may be overwritten with it (see `add_projection`)."""
         D, T = self.d_model, x.shape[1]
-        h, x = norm_pair(self.norm, x)  # x's alias carries the residual (see RMSNorm.pair)
-        z, v, g = project(self.in_proj, h).split(D, dim=-1)
+        u, x = norm_project(self.norm, self.in_proj, x)
+        z, v, g = u.split(D, dim=-1)
         g = torch.sigmoid(g.float() + self.gate_bias.float())
         if state is None:
             h = gated_scan(v, g)
