@@ -29,16 +29,7 @@ from ratlm.generation import decode_one_token
 
 def profile_steps(step, n: int, states, top: int) -> dict:
     """step() captured n times in a CUDA graph (eager on the CPU); wall and kernels per step."""
-    if torch.cuda.is_available():
-        graph = bench.graph_of(step, states, n)
-        graph.replay()
-        run = graph.replay
-    else:
-
-        def run():
-            for _ in range(n):
-                step()
-
+    run = bench.repeated(step, states, n, torch.cuda.is_available())
     run()
     wall = sorted(bench.timed(run) for _ in range(5))[2] / n * 1e3
     timeline = kernel_timeline(run) if torch.cuda.is_available() else []

@@ -200,6 +200,21 @@ def graph_of(fn, states, steps: int):
     return graph
 
 
+def repeated(fn, states, n: int, cuda: bool):
+    """One callable running fn() n times: a CUDA graph of the n calls, replayed (captured, and replayed once
+    here), on CUDA; a loop elsewhere."""
+    if cuda:
+        graph = graph_of(fn, states, n)
+        graph.replay()
+        return graph.replay
+
+    def loop():
+        for _ in range(n):
+            fn()
+
+    return loop
+
+
 def warm_up(fn, n: int = 2) -> None:
     """n eager calls on a side stream (on CUDA), as graph capture wants."""
     if not torch.cuda.is_available():
@@ -391,16 +406,7 @@ def layer_case(
             warm_up(one)
             eager_ms = timed(lambda: [one() for _ in range(8)]) / 8 * 1e3 if eager else None
             n = 8  # steps per replay: a graph of a few launches would time the host
-            if dev == "cuda":
-                graph = graph_of(one, [state], n)
-                graph.replay()
-                step = graph.replay
-            else:
-
-                def step():
-                    for _ in range(n):
-                        one()
-
+            step = repeated(one, [state], n, dev == "cuda")
             once = timed(step)
             left = (extra - 20 - 2 * n) // n
             reps = max(1, min(int(0.25 / max(once, 1e-6)), left // 3))
