@@ -27,7 +27,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..scan.kernel import round_to
-from .scan_kernels import token_ptrs, token_strides
+from .scan_kernels import token_block, token_ptrs, token_strides
 
 
 @triton.jit
@@ -43,10 +43,7 @@ def _merge_fwd_kernel(
 ):  # fmt: skip
     b = (tl.program_id(1) // H).to(tl.int64)
     h = (tl.program_id(1) % H).to(tl.int64)  # head offsets of head-major buffers can pass 2**31
-    tok = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
-    valid = tok < T
-    c = tok // L
-    l = tok - c * L
+    tok, valid, c, l = token_block(T, L, BM)
     e = tl.arange(0, D)[None, :]
     m2 = valid[:, None]
     q = tl.load(token_ptrs(QO, so_off, so_b, so_c, so_l, so_h, b, c, l, h)[:, None] + e, mask=m2, other=0.0)
@@ -94,10 +91,7 @@ def _own_bwd_kernel(
 ):  # fmt: skip
     b = (tl.program_id(1) // H).to(tl.int64)
     h = (tl.program_id(1) % H).to(tl.int64)  # head offsets of head-major buffers can pass 2**31
-    tok = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
-    valid = tok < T
-    c = tok // L
-    l = tok - c * L
+    tok, valid, c, l = token_block(T, L, BM)
     e = tl.arange(0, D)[None, :]
     m2 = valid[:, None]
     q = tl.load(token_ptrs(QO, so_off, so_b, so_c, so_l, so_h, b, c, l, h)[:, None] + e, mask=m2, other=0.0)

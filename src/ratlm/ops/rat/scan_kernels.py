@@ -38,6 +38,15 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @triton.jit
+def token_block(T, L, BM: tl.constexpr):
+    """The BM tokens of this program's block (grid axis 0): indices, whether each exists (< T), and each one's
+    chunk and position in it."""
+    tok = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    c = tok // L
+    return tok, tok < T, c, tok - c * L
+
+
+@triton.jit
 def token_ptrs(base, off, sb, sc, sl, sh, b, c, l, h):
     """Pointers to the head vectors of tokens (chunk c, position l) of batch row b and head h in a per-token
     tensor with `token_strides` (sb, sc, sl, sh) and element offset off."""

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from ..scan.kernel import round_to
-from .scan_kernels import _gate_of, token_ptrs
+from .scan_kernels import _gate_of, token_block, token_ptrs
 
 MAX_CHUNK = 16
 
@@ -237,10 +237,7 @@ def _dq_sum_kernel(
     (own part DQA, summary part DQB, both per head in the layouts their kernels wrote)."""
     b = (tl.program_id(1) // NG).to(tl.int64)
     grp = (tl.program_id(1) % NG).to(tl.int64)
-    tok = tl.program_id(0).to(tl.int64) * BT + tl.arange(0, BT)
-    valid = tok < T
-    c = tok // L
-    l = tok - c * L
+    tok, valid, c, l = token_block(T, L, BT)
     e = tl.arange(0, HALF)[None, :]
     m2 = valid[:, None]
     m_b = (valid & (c >= 1))[:, None]
