@@ -1,11 +1,11 @@
 """Where a decode step's time goes: the GPU kernels of CUDA-graph replays, from torch.profiler (issue 5).
 
 Cases: one RAT layer's step (norm, projections, mixer, residual; the benchmark's layer config) at T=4096,
-batch 512 and T=131072, batch 1; and a 1.3B model's whole step at its planned Table 1 batch with the cache at
-`--position` tokens (random cache contents, as in the throughput benchmark's sampled steps). Per case: the
-replay's wall time per step (CUDA events, unprofiled), the kernels' sum, the GPU's idle time between them,
-and per kernel its time per step and its launches per step; layer cases also give the bytes of cache a step
-reads. JSON in $OUT/profile_decode.json, a table on stdout.
+batch 512 and T=131072, batch 1, every replay from T - 4; and a 1.3B model's whole step at its planned
+Table 1 batch with the cache at `--position` tokens (random cache contents, as in the throughput benchmark's
+sampled steps). Per case: the replay's wall time per step (CUDA events, unprofiled), the kernels' sum, the
+GPU's idle time between them, and per kernel its time per step and its launches per step; layer cases also
+give the bytes of cache a step reads. JSON in $OUT/profile_decode.json, a table on stdout.
 
     PYTHONPATH=src python benchmarks/profile_decode.py [--models rat-1.3b] [--position 3584]
     PYTHONPATH=src python benchmarks/profile_decode.py --tiny       # toy sizes on the CPU: a smoke test
@@ -27,9 +27,10 @@ from ratlm.cache import move_to, plan_batch
 from ratlm.generation import decode_one_token
 
 
-def profile_steps(step, n: int, states, top: int) -> dict:
-    """step() captured n times in a CUDA graph (eager on the CPU); wall and kernels per step."""
-    run = bench.repeated(step, states, n, torch.cuda.is_available())
+def profile_steps(step, n: int, states, top: int, at: int | None = None) -> dict:
+    """step() captured n times in a CUDA graph (eager on the CPU), each replay from position `at` when
+    given; wall and kernels per step."""
+    run = bench.repeated(step, states, n, torch.cuda.is_available(), at=at)
     run()
     wall = sorted(bench.timed(run) for _ in range(5))[2] / n * 1e3
     timeline = kernel_timeline(run) if torch.cuda.is_available() else []
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     position = min(args.position, max_len - 20)
     with torch.no_grad():
         for name, T, B in scale.headlines[:2]:
-            made = bench.layer_setup(scale, name, T, B, 10 * n)
+            made = bench.layer_setup(scale, name, T, B, 4 * n)
             if isinstance(made, str):
                 results.append({"case": f"layer {name} T{T} B{B}", "skipped": made})
                 continue
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = scale.layer
             slots = {"rat": T // cfg.chunk_size, "attn": T, "swa": cfg.window + 1, "rnn": 0}[name]
             cache = B * cfg.n_heads * slots * cfg.head_dim * 2 * 2
-            r = profile_steps(step, n, [state], args.top)
+            r = profile_steps(step, n, [state], args.top, at=T - n // 2)
             results.append({"case": f"layer {name} T{T} B{B}", "cache_bytes": cache, **r})
             del step, state
             bench.release()

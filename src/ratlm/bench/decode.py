@@ -5,7 +5,9 @@ Phases, each with its share of the time budget (a case that would not fit is ski
   an fp32 reference), and CUDA-graph decoding against eager and against the full forward.
 - layer: one mixer's decode step (norm, projections, mixer, residual) with T = 4K..128K tokens in the
   cache, batch 1 and 512, the paper's layer shape (D 2048, 16 heads of 128, G 2, L 16, W 1024), replayed
-  from a CUDA graph: RAT, attention, sliding window, RNN; a few kernel tilings on the headline cases.
+  from a CUDA graph: RAT, attention, sliding window, RNN; a few kernel tilings on the headline cases. Each
+  replay resets the positions and times 16 steps at T - 8 .. T + 7, so the cache read is T's however many
+  replays run.
 - latency: the 1.3B presets at batch 1 after a 3072-token prompt: ms per token through the CUDA-graph
   step (and eager); greedy tokens checked against the full forward.
 - throughput: the paper's Table 1 method: a 3072-token prompt, then 1024 greedy tokens at the largest
@@ -200,19 +202,26 @@ def graph_of(fn, states, steps: int):
     return graph
 
 
-def repeated(fn, states, n: int, cuda: bool):
+def repeated(fn, states, n: int, cuda: bool, at: int | None = None):
     """One callable running fn() n times: a CUDA graph of the n calls, replayed (captured, and replayed once
-    here), on CUDA; a loop elsewhere."""
-    if cuda:
-        graph = graph_of(fn, states, n)
-        graph.replay()
-        return graph.replay
+    here), on CUDA; a loop elsewhere.
 
-    def loop():
+    at: each call first puts the states at position `at` (a fill of the device counters, inside the graph),
+    so that every call times the steps at positions at .. at + n - 1 however often it runs.
+    """
+
+    def steps():
+        if at is not None:
+            for s in states:
+                move_to(s, at)
         for _ in range(n):
             fn()
 
-    return loop
+    if cuda:
+        graph = graph_of(steps, states, 1)
+        graph.replay()
+        return graph.replay
+    return steps
 
 
 def warm_up(fn, n: int = 2) -> None:
@@ -389,7 +398,9 @@ def layer_case(
 
     scale, dev = run.scale, run.scale.device
     cfg = scale.layer.replace(layers=name)
-    extra = 1100  # positions the timed steps may use
+    n = 16  # steps per replay: a graph of a few launches would time the host
+    at = T - n // 2  # every replay times the steps at T - 8 .. T + 7, however many replays run
+    extra = 32  # room for the warm-up and eager steps past T
     case = f"{name} T{T} B{B}" + (f" tile{tiling}" if tiling else "") + ("" if inplace else " add")
     made = layer_setup(scale, name, T, B, extra, inplace)
     if isinstance(made, str):
@@ -405,11 +416,9 @@ def layer_case(
         with torch.no_grad():
             warm_up(one)
             eager_ms = timed(lambda: [one() for _ in range(8)]) / 8 * 1e3 if eager else None
-            n = 8  # steps per replay: a graph of a few launches would time the host
-            step = repeated(one, [state], n, dev == "cuda")
+            step = repeated(one, [state], n, dev == "cuda", at=at)
             once = timed(step)
-            left = (extra - 20 - 2 * n) // n
-            reps = max(1, min(int(0.25 / max(once, 1e-6)), left // 3))
+            reps = max(1, int(0.25 / max(once, 1e-6)))
             times = sorted(timed(lambda: [step() for _ in range(reps)]) / (reps * n) * 1e3 for _ in range(3))
         ms = times[1]
     finally:
@@ -422,6 +431,7 @@ def layer_case(
     result = dict(mixer=name, T=T, batch=B, ms=ms, ms_rounds=times, eager_ms=eager_ms, tiling=tiling)
     result.update(residual_inplace=inplace)
     result.update(bytes_moved=moved, gb_per_s=moved / ms / 1e6, ref_ms=ref, steps_timed=3 * reps * n)
+    result.update(positions=[at, at + n - 1])
     run.record("layer", case, status="ok", **result)
     text = f"{ms * 1e3:8.1f} us/step {moved / ms / 1e6:6.0f} GB/s"
     text += f"  eager {eager_ms * 1e3:.0f} us" if eager_ms else ""
