@@ -59,8 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--tiles",
         default="0x0,16x1,32x1,32x2,64x4,16x4",
-        help="BLOCK_NxWARPS[xSPLITS[xFUSE]] for --sweep (0x0: the default plan; FUSE 0: RAT's split and step "
-        "as two launches)",
+        help="BLOCK_NxWARPS or BLOCK_NxWARPSxSPLITS for --sweep (0x0: the default plan)",
     )
     args = p.parse_args(argv)
     scale = bench.tiny_scale("cpu") if args.tiny else bench.paper_scale()
@@ -70,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             name, T, B = spec.split(":")
             for tile in args.tiles.split(","):
                 tiling = tuple(int(t) for t in tile.split("x"))
-                tiling = tiling if any(tiling) or len(tiling) > 3 else None
+                tiling = tiling if any(tiling) else None
                 run.guarded(
                     "layer", f"{spec} {tiling}", bench.layer_case, run, name, int(T), int(B), tiling, False
                 )

@@ -36,15 +36,10 @@ class RATState:
     seen: int = 0  # tokens consumed so far (host)
     pos: Tensor | None = None  # [B] int64 on the device: tokens consumed by each sequence
     rope: Tensor | None = None  # [C, d] fp32 cos | sin halves of each chunk index's rotation (shared)
-    # [B * (H + 1)] int32, zero between steps: the split decode kernel's arrival counters (its own scratch)
-    arrivals: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.pos is None:
             self.pos = _positions(self.seen, self.keys)
-        if self.arrivals is None:
-            B, H = self.keys.shape[:2]
-            self.arrivals = torch.zeros(B * (H + 1), dtype=torch.int32, device=self.keys.device)
 
 
 @dataclass
@@ -87,12 +82,11 @@ class RNNState:
 LayerState = RATState | KVState | WindowState | RNNState
 
 
-def advance(state: LayerState, n: int = 1, device: bool = True) -> None:
-    """Move a state's position by n tokens: the device counter (unless device is False: a kernel that moved
-    it), and the host one unless inside a compiled step, whose caller (`ratlm.generation.DecodeStep`) keeps
-    the host counters so that nothing compiled depends on them."""
-    if device:
-        state.pos.add_(n)
+def advance(state: LayerState, n: int = 1) -> None:
+    """Move a state's position by n tokens: the device counter, and the host one unless inside a compiled
+    step, whose caller (`ratlm.generation.DecodeStep`) keeps the host counters so that nothing compiled
+    depends on them."""
+    state.pos.add_(n)
     if not torch.compiler.is_compiling():
         state.seen += n
 
@@ -103,7 +97,7 @@ def move_to(state: LayerState, n: int) -> None:
     state.pos.fill_(n)
 
 
-_SHARED = ("seen", "pos", "rope", "arrivals")  # not per-sequence storage
+_SHARED = ("seen", "pos", "rope")  # not per-sequence storage
 
 
 def row_tensors(state: LayerState) -> list[str]:

@@ -93,33 +93,21 @@ def _attend(
 @triton.jit
 def _merge_splits(
     stat_ptr, acc_ptr, bh, num_splits, offs, mask,
-    HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr,
+    HALF: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
-    """The splits' partial softmaxes of one (sequence, head) as one (max, sum, value halves), BLOCK_S
-    splits at a time (a small tile keeps the registers of the kernels that inline this few)."""
-    m = -float("inf")
-    l = 0.0
-    a1 = tl.zeros([BLOCK_H], dtype=tl.float32)
-    a2 = tl.zeros([BLOCK_H], dtype=tl.float32)
-    for start in range(0, num_splits, BLOCK_S):
-        sp = start + tl.arange(0, BLOCK_S)
-        smask = sp < num_splits
-        row = bh * num_splits + sp
-        # .cg: past L1, for RAT's last split, which reads what the other splits wrote in this launch
-        ms = tl.load(stat_ptr + row * 2, mask=smask, other=-float("inf"), cache_modifier=".cg")
-        ls = tl.load(stat_ptr + row * 2 + 1, mask=smask, other=0.0, cache_modifier=".cg")
-        ptrs = row[:, None] * (2 * HALF) + offs[None, :]
-        tile_mask = smask[:, None] & mask[None, :]
-        p1 = tl.load(acc_ptr + ptrs, mask=tile_mask, other=0.0, cache_modifier=".cg")
-        p2 = tl.load(acc_ptr + HALF + ptrs, mask=tile_mask, other=0.0, cache_modifier=".cg")
-        m_new = tl.maximum(m, tl.max(ms, axis=0))
-        m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)
-        alpha = tl.exp(m - m_ref)
-        w = tl.exp(ms - m_ref)
-        l = l * alpha + tl.sum(ls * w, axis=0)
-        a1 = a1 * alpha + tl.sum(p1 * w[:, None], axis=0)
-        a2 = a2 * alpha + tl.sum(p2 * w[:, None], axis=0)
-        m = m_new
+    """The splits' partial softmaxes of one (sequence, head) as one (max, sum, value halves)."""
+    sp = tl.arange(0, BLOCK_S)
+    smask = sp < num_splits
+    row = bh * num_splits + sp
+    ms = tl.load(stat_ptr + row * 2, mask=smask, other=-float("inf"))
+    ls = tl.load(stat_ptr + row * 2 + 1, mask=smask, other=0.0)
+    m = tl.max(ms, axis=0)
+    w = tl.exp(ms - tl.where(m == -float("inf"), 0.0, m))
+    l = tl.sum(ls * w, axis=0)
+    ptrs = row[:, None] * (2 * HALF) + offs[None, :]
+    tile_mask = smask[:, None] & mask[None, :]
+    a1 = tl.sum(tl.load(acc_ptr + ptrs, mask=tile_mask, other=0.0) * w[:, None], axis=0)
+    a2 = tl.sum(tl.load(acc_ptr + HALF + ptrs, mask=tile_mask, other=0.0) * w[:, None], axis=0)
     return m, l, a1, a2
 
 
@@ -150,29 +138,18 @@ def _split_kernel(
     q1, q2 = _query(
         q_ptr + b * stride_qb + (h % QH) * (2 * HALF), rope_ptr + n * (2 * HALF), offs, mask, HALF, ROPE
     )
-    base = b * stride_kb + h * stride_kh
-    _split_part(
-        q1, q2, k_ptr + base, v_ptr + base, stride_kn, s, SPLIT_LEN, tl.minimum(n, N), n % N, scale,
-        stat_ptr, acc_ptr, bh * num_splits + s, offs, mask, HALF, BLOCK_H, BLOCK_N,
-    )  # fmt: skip
-
-
-@triton.jit
-def _split_part(
-    q1, q2, keys, values, stride_kn, s, SPLIT_LEN, n, skip, scale, stat_ptr, acc_ptr, row, offs, mask,
-    HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
-    """Split s of one query: its partial softmax over slots s*SPLIT_LEN .. min((s+1)*SPLIT_LEN, n) - 1 except
-    `skip`, stored in row `row` of the workspace (max and sum in stat_ptr, weighted value in acc_ptr)."""
     lo = s * SPLIT_LEN
-    hi = tl.minimum(lo + SPLIT_LEN, n)
+    hi = tl.minimum(tl.minimum(lo + SPLIT_LEN, n), N)
+    base = b * stride_kb + h * stride_kh
+    keys, values = k_ptr + base, v_ptr + base
     m, l, a1, a2 = _attend(
-        q1, q2, keys, values, stride_kn, lo, hi, skip, scale, offs, mask, HALF, BLOCK_H, BLOCK_N
+        q1, q2, keys, values, stride_kn, lo, hi, n % N, scale, offs, mask, HALF, BLOCK_H, BLOCK_N
     )
-    tl.store(stat_ptr + row * 2, m)
-    tl.store(stat_ptr + row * 2 + 1, l)
-    tl.store(acc_ptr + row * (2 * HALF) + offs, a1, mask=mask)
-    tl.store(acc_ptr + row * (2 * HALF) + HALF + offs, a2, mask=mask)
+    out = bh * num_splits + s
+    tl.store(stat_ptr + out * 2, m)
+    tl.store(stat_ptr + out * 2 + 1, l)
+    tl.store(acc_ptr + out * (2 * HALF) + offs, a1, mask=mask)
+    tl.store(acc_ptr + out * (2 * HALF) + HALF + offs, a2, mask=mask)
 
 
 @triton.jit
@@ -205,7 +182,7 @@ def _attention_step_kernel(
             q1, q2, keys, values, stride_kn, 0, hi, slot, scale, offs, mask, HALF, BLOCK_H, BLOCK_N
         )
     else:
-        m, l, a1, a2 = _merge_splits(stat_ptr, acc_ptr, bh, num_splits, offs, mask, HALF, BLOCK_H, BLOCK_S)
+        m, l, a1, a2 = _merge_splits(stat_ptr, acc_ptr, bh, num_splits, offs, mask, HALF, BLOCK_S)
     y1, y2 = _with_own(m, l, a1, a2, s_own, v1, v2)
     _store_halves(out_ptr + b * stride_ob + col, y1, y2, offs, mask, HALF)
     # the slot read above was masked out, so overwriting it here cannot race with this program's reads
@@ -213,8 +190,7 @@ def _attention_step_kernel(
     _store_halves(values + slot * stride_kn, v1, v2, offs, mask, HALF)
 
 
-# Process-wide overrides of `plan_splits` ("block_n", "num_warps", "splits") and of whether RAT fuses its
-# split and step ("fuse"); only benchmarks set them.
+# Process-wide overrides of `plan_splits` ("block_n", "num_warps", "splits"); only benchmarks set them.
 OVERRIDES: dict = {}
 
 
