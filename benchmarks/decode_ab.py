@@ -4,7 +4,8 @@
   and an add: RAT layer steps at the two headline shapes and the 1.3B batch-1 latency;
 - the split of RAT's summary kernel at T=131072, batch 1 (splits x BLOCK_N x warps), and tiles at T=4096,
   batch 512;
-- the model checks of `ratlm bench decode` first (graph step == eager step, cached == full forward).
+- the model checks of `ratlm bench decode` first (graph step == eager step, cached == full forward);
+- with --pdl-ab, only programmatic dependent launch on against off (`ratlm.ops.pdl`).
 
     PYTHONPATH=src python benchmarks/decode_ab.py --out $OUT      # about 3 minutes on one H200
     PYTHONPATH=src python benchmarks/decode_ab.py --tiny          # toy sizes on the CPU: a smoke test
@@ -22,6 +23,7 @@ import ratlm.mixers.rat
 import ratlm.mixers.rnn
 from ratlm.bench import decode as bench
 from ratlm.mixers import residual
+from ratlm.ops import pdl
 
 MODULES = (ratlm.mixers.rat, ratlm.mixers.attention, ratlm.mixers.rnn, ratlm.mixers.ffn)
 
@@ -61,6 +63,11 @@ def main(argv: list[str] | None = None) -> int:
         default="0x0,16x1,32x1,32x2,64x4,16x4",
         help="BLOCK_NxWARPS or BLOCK_NxWARPSxSPLITS for --sweep (0x0: the default plan)",
     )
+    p.add_argument(
+        "--pdl-ab",
+        action="store_true",
+        help="only programmatic dependent launch on and off, alternated (layer steps, batch-1 latency)",
+    )
     args = p.parse_args(argv)
     scale = bench.tiny_scale("cpu") if args.tiny else bench.paper_scale()
     run = bench.Run(args.out, 600, scale)
@@ -74,8 +81,23 @@ def main(argv: list[str] | None = None) -> int:
                     "layer", f"{spec} {tiling}", bench.layer_case, run, name, int(T), int(B), tiling, False
                 )
         return 0
-    run.guarded("check", "model", bench.check_model, run)
     (_, T_big, B_big), (_, T_long, B_long) = scale.headlines[:2]  # batch 512 at 4K; batch 1 at 128K
+    if args.pdl_ab:
+        shapes = (("rat", T_long, B_long), ("rat", T_big, B_big), ("attn", T_long, B_long))
+        try:
+            for on in (True, False, True, False):  # alternated: drift shows as a difference between repeats
+                pdl.set_enabled(on)
+                tag = "pdl" if on else "no pdl"
+                for shape in shapes:
+                    run.guarded("layer", f"{shape} {tag}", bench.layer_case, run, *shape, None, False)
+                if not args.no_latency:
+                    run.guarded(
+                        "latency", f"rat-1.3b {tag}", bench.latency_case, run, "rat-1.3b", tag=f" {tag}"
+                    )
+        finally:
+            pdl.set_enabled(True)
+        return 0
+    run.guarded("check", "model", bench.check_model, run)
     for shape in (("rat", T_big, B_big), ("rat", T_long, B_long)):
         for inplace in (False, True, False, True):  # alternated: drift shows as a difference between repeats
             run.guarded("layer", str(shape), bench.layer_case, run, *shape, None, False, inplace)

@@ -276,3 +276,73 @@ def test_attention_kernel_on_cuda_matches_twin(cls, N, splits):
     expected = attention_decode_naive(q, k, v, twin, "rope")
     torch.testing.assert_close(out.float(), expected.float(), rtol=2e-2, atol=2e-2)
     assert_same_state(state, twin, atol=3e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9, reason="needs sm90+ (PDL)"
+)
+@pytest.mark.parametrize("graphed", [False, True])
+def test_pdl_changes_no_bit_of_a_rat_block_step(graphed):
+    """A RAT block's decode steps at batch 1 (norm, one-row products, split attention, step, residual
+    product), 12 in a row, eagerly or replayed from a CUDA graph: the same bits with programmatic dependent
+    launch as without (a kernel reading its predecessor's output too early would differ)."""
+    from ratlm.bench.decode import paper_scale, randomise
+    from ratlm.cache import move_to
+    from ratlm.model import make_mixer
+    from ratlm.ops import pdl
+
+    torch.manual_seed(0)
+    cfg = paper_scale().layer.replace(layers="rat")
+    mixer = make_mixer("rat", cfg).to("cuda", torch.bfloat16).eval()
+    start = mixer.new_state(1, 8192, "cuda", torch.bfloat16)
+    randomise([start])
+    move_to(start, 8000)
+    xs = torch.randn(12, 1, 1, cfg.d_model, device="cuda", dtype=torch.bfloat16)
+
+    def steps(on: bool):
+        pdl.set_enabled(on)
+        state, x = copy.deepcopy(start), xs[0].clone()
+        outs = []
+        try:
+            with torch.no_grad():
+                if not graphed:
+                    for x in xs:
+                        outs.append(mixer(x.clone(), state))
+                    return outs, state
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    mixer(x.clone(), copy.deepcopy(state))  # compiles the kernels outside the capture
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    y = mixer(x, state)
+                for step in xs:
+                    x.copy_(step)
+                    graph.replay()
+                    outs.append(y.clone())
+                return outs, state
+        finally:
+            pdl.set_enabled(True)
+
+    assert pdl.wanted(xs)
+    (with_pdl, state_pdl), (without, state_plain) = steps(True), steps(False)
+    for a, b in zip(with_pdl, without, strict=True):
+        assert torch.equal(a, b)
+    for name in STATE_FIELDS[RATState]:
+        assert torch.equal(getattr(state_pdl, name), getattr(state_plain, name)), name
+
+
+def test_pdl_is_off_without_a_hopper_gpu():
+    from ratlm.ops import pdl
+
+    assert pdl.launch_options(False) == {} and pdl.launch_options(True) == {"launch_pdl": True}
+    assert not pdl.wanted(torch.zeros(1))  # a CPU tensor
+    pdl.set_enabled(False)
+    try:
+        assert not pdl.enabled()
+        if torch.cuda.is_available():
+            assert not pdl.wanted(torch.zeros(1, device="cuda"))
+    finally:
+        pdl.set_enabled(True)

@@ -54,6 +54,7 @@ from ..cache import (
 from ..config import ModelConfig, preset
 from ..generation import DecodeStep, prefill
 from ..model import LanguageModel, make_mixer
+from ..ops import pdl
 from ..ops.backend import use_backend
 
 MODELS = ["rat-1.3b", "attn-1.3b", "rat-swa-1.3b", "attn-swa-1.3b"]
@@ -431,7 +432,7 @@ def layer_case(
     result = dict(mixer=name, T=T, batch=B, ms=ms, ms_rounds=times, eager_ms=eager_ms, tiling=tiling)
     result.update(residual_inplace=inplace)
     result.update(bytes_moved=moved, gb_per_s=moved / ms / 1e6, ref_ms=ref, steps_timed=3 * reps * n)
-    result.update(positions=[at, at + n - 1])
+    result.update(positions=[at, at + n - 1], pdl=pdl.enabled())
     run.record("layer", case, status="ok", **result)
     text = f"{ms * 1e3:8.1f} us/step {moved / ms / 1e6:6.0f} GB/s"
     text += f"  eager {eager_ms * 1e3:.0f} us" if eager_ms else ""
@@ -500,7 +501,7 @@ def latency_case(run: Run, name: str, compile: bool = False, tag: str = "") -> N
     case = name + (" compiled" if compile else "") + tag
     result = dict(ms_per_token=ms, eager_ms_per_token=eager_ms, prefill_s=prefill_s, prompt=P)
     result.update(graph=dev == "cuda", compiled=compile, first_step_s=first_s, steps_timed=steps)
-    result.update(greedy_agreement_with_full_forward=agree, ref_ms_per_token=ref)
+    result.update(greedy_agreement_with_full_forward=agree, ref_ms_per_token=ref, pdl=pdl.enabled())
     run.record("latency", case, status="ok", **result)
     text = f"{ms:6.2f} ms/token graph, {eager_ms:6.2f} eager"
     text += f"; greedy agreement {agree:.3f}" + (f"; first step {first_s:.1f} s" if compile else "")

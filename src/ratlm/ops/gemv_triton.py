@@ -16,29 +16,41 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import pdl
+from .pdl import wait_for_previous
 from .scan.kernel import round_to
+
+
+@triton.jit
+def _w_tile(rows, k0, n, k, N, K, EVEN: tl.constexpr):
+    if EVEN:  # N % BN == 0 and K % BK == 0: no masks
+        return tl.load(rows + k0)
+    return tl.load(rows + k0, mask=(n[:, None] < N) & ((k0 + k)[None, :] < K), other=0.0)
+
+
+@triton.jit
+def _x_tile(xs, k0, k, K, EVEN: tl.constexpr):
+    if EVEN:
+        return tl.load(xs + k0)
+    return tl.load(xs + k0, mask=k0 + k < K, other=0.0)
 
 
 @triton.jit
 def _gemv_kernel(
     X, W, OUT, N, K, stride_xm, stride_wn, stride_om,
-    BN: tl.constexpr, BK: tl.constexpr, ACCUMULATE: tl.constexpr, EVEN: tl.constexpr,
+    BN: tl.constexpr, BK: tl.constexpr, ACCUMULATE: tl.constexpr, EVEN: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     m = tl.program_id(1).to(tl.int64)
     n = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
     k = tl.arange(0, BK)
     rows = W + n[:, None] * stride_wn + k[None, :]
     xs = X + m * stride_xm + k
-    acc = tl.zeros([BN, BK], dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        if EVEN:  # N % BN == 0 and K % BK == 0: no masks in the loop
-            w = tl.load(rows + k0)
-            x = tl.load(xs + k0)
-        else:
-            kk = k0 + k
-            w = tl.load(rows + k0, mask=(n[:, None] < N) & (kk[None, :] < K), other=0.0)
-            x = tl.load(xs + k0, mask=kk < K, other=0.0)
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    w = _w_tile(rows, 0, n, k, N, K, EVEN)  # the weights' first step: no kernel writes them
+    wait_for_previous(PDL)  # x and out may come from the kernel before
+    acc = w.to(tl.float32) * _x_tile(xs, 0, k, K, EVEN).to(tl.float32)[None, :]
+    for k0 in range(BK, K, BK):
+        w = _w_tile(rows, k0, n, k, N, K, EVEN)
+        acc += w.to(tl.float32) * _x_tile(xs, k0, k, K, EVEN).to(tl.float32)[None, :]
     y = tl.sum(acc, axis=1)
     dst = OUT + m * stride_om + n
     if ACCUMULATE:
@@ -74,8 +86,9 @@ def gemv_triton(
                          f"strides {out.stride()}")  # fmt: skip
     bn, bk, warps = tile or gemv_tile(K)
     even = N % bn == 0 and K % bk == 0
+    on = pdl.wanted(x)
     _gemv_kernel[(triton.cdiv(N, bn), M)](
         x, w, out, N, K, x.stride(0), w.stride(0), out.stride(0),
-        BN=bn, BK=bk, ACCUMULATE=accumulate, EVEN=even, num_warps=warps,
+        BN=bn, BK=bk, ACCUMULATE=accumulate, EVEN=even, PDL=on, num_warps=warps, **pdl.launch_options(on),
     )  # fmt: skip
     return out

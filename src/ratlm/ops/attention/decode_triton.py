@@ -21,6 +21,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ...cache import KVState, WindowState, advance
+from .. import pdl
+from ..pdl import wait_for_previous
 
 
 @triton.jit
@@ -125,9 +127,10 @@ def _with_own(m, l, a1, a2, s_own, v1, v2):
 def _split_kernel(
     q_ptr, stride_qb, rope_ptr, k_ptr, v_ptr, stride_kb, stride_kh, stride_kn, pos_ptr, stat_ptr, acc_ptr,
     scale, H, QH, N, DIV, SPLIT_LEN, num_splits,
-    HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, ROPE: tl.constexpr,
+    HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, ROPE: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """Grid (B*H, num_splits): split s of (b, h) attends over slots s*SPLIT_LEN .. (s+1)*SPLIT_LEN - 1."""
+    wait_for_previous(PDL)  # the query comes from the kernel before
     bh = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1)
     b = bh // H
@@ -276,6 +279,7 @@ def attention_decode_triton(
     N = keys.shape[2]
     half = d // 2
     splits, split_len, block_n, num_warps = plan_splits(B * H, N, v.device, config)
+    on = pdl.wanted(v)
     stats, acc = split_workspace(B * H, splits, d, v.device)
     rope = state.rope if position == "rope" else stats  # any pointer when unused
     out = torch.empty(B, H, d, dtype=v.dtype, device=v.device)
@@ -284,7 +288,8 @@ def attention_decode_triton(
     if splits > 1:
         _split_kernel[(B * H, splits)](
             q, q.stride(0), rope, keys, values, *strides, state.pos, stats, acc,
-            scale, H, H, N, 1, split_len, splits, **meta, num_warps=num_warps,
+            scale, H, H, N, 1, split_len, splits, **meta, PDL=on, num_warps=num_warps,
+            **pdl.launch_options(on),
         )  # fmt: skip
     _attention_step_kernel[(B * H,)](
         q, k, v, q.stride(0), k.stride(0), v.stride(0), rope,

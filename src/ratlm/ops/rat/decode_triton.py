@@ -16,6 +16,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ...cache import RATState, advance
+from .. import pdl
 from ..attention.decode_triton import (
     _attend,
     _halves,
@@ -30,6 +31,7 @@ from ..attention.decode_triton import (
     split_meta,
     split_workspace,
 )
+from ..pdl import wait_for_previous
 
 
 @triton.jit
@@ -44,8 +46,10 @@ def _rat_step_kernel(
     pos_ptr, stat_ptr, acc_ptr, out_ptr, stride_ob,
     scale, H, G, L, num_splits,
     HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, ROPE: tl.constexpr,
-    SPLIT: tl.constexpr, BLOCK_S: tl.constexpr,
+    SPLIT: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    if not SPLIT:
+        wait_for_previous(PDL)  # the token's inputs come from the kernel before (the input projection)
     bh = tl.program_id(0).to(tl.int64)
     b = bh // H
     h = bh % H
@@ -93,10 +97,14 @@ def _rat_step_kernel(
         m, l, a1, a2 = _attend(
             q1, q2, keys, values, stride_kn, 0, c, -1, scale, offs, mask, HALF, BLOCK_H, BLOCK_N
         )
+        z1, z2 = _halves(z_ptr + b * stride_zb + col, offs, mask, HALF)
     else:
+        # with PDL, all of the above overlapped the split kernel: its query came from the input projection,
+        # which that kernel waited for, and the running states it stored are no business of that kernel's
+        z1, z2 = _halves(z_ptr + b * stride_zb + col, offs, mask, HALF)
+        wait_for_previous(PDL)  # the splits' partials
         m, l, a1, a2 = _merge_splits(stat_ptr, acc_ptr, bh, num_splits, offs, mask, HALF, BLOCK_S)
     y1, y2 = _with_own(m, l, a1, a2, s_own, vs1, vs2)
-    z1, z2 = _halves(z_ptr + b * stride_zb + col, offs, mask, HALF)
     _store_halves(out_ptr + b * stride_ob + col, y1 * _sigmoid(z1), y2 * _sigmoid(z2), offs, mask, HALF)
 
     # a token that completes its chunk leaves the chunk's summary in slot c (read by no one in this launch)
@@ -133,17 +141,18 @@ def rat_decode_triton(
     out = torch.empty(B, H, d, dtype=v.dtype, device=v.device)
     meta = dict(HALF=half, BLOCK_H=triton.next_power_of_2(half), BLOCK_N=block_n, ROPE=position == "rope")
     strides = (keys.stride(0), keys.stride(1), keys.stride(2))
+    on = pdl.wanted(v)
+    launch = dict(num_warps=num_warps, **pdl.launch_options(on))
     if splits > 1:
         _split_kernel[(B * H, splits)](
             q, q.stride(0), rope, keys, values, *strides, state.pos, stats, acc,
-            scale, H, G, C, chunk_size, split_len, splits, **meta, num_warps=num_warps,
+            scale, H, G, C, chunk_size, split_len, splits, **meta, PDL=on, **launch,
         )  # fmt: skip
     _rat_step_kernel[(B * H,)](
         q, k, v, g, z, gate_bias, q.stride(0), k.stride(0), v.stride(0), g.stride(0), z.stride(0),
         rope, keys, values, *strides, state.k_run, state.v_run, state.k_run.stride(0), state.k_run.stride(1),
         state.pos, stats, acc, out, out.stride(0),
-        scale, H, G, chunk_size, splits, **meta, **split_meta(splits),
-        num_warps=num_warps,
+        scale, H, G, chunk_size, splits, **meta, **split_meta(splits), PDL=on, **launch,
     )  # fmt: skip
     advance(state)
     return out
