@@ -84,9 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     (_, T_big, B_big), (_, T_long, B_long) = scale.headlines[:2]  # batch 512 at 4K; batch 1 at 128K
     if args.pdl_ab:
         shapes = (("rat", T_long, B_long), ("rat", T_big, B_big), ("attn", T_long, B_long))
-        try:
-            for on in (True, False, True, False):  # alternated: drift shows as a difference between repeats
-                pdl.set_enabled(on)
+        for on in (True, False, True, False):  # alternated: drift shows as a difference between repeats
+            with pdl.enabled_as(on):
                 tag = "pdl" if on else "no pdl"
                 for shape in shapes:
                     run.guarded("layer", f"{shape} {tag}", bench.layer_case, run, *shape, None, False)
@@ -94,8 +93,6 @@ def main(argv: list[str] | None = None) -> int:
                     run.guarded(
                         "latency", f"rat-1.3b {tag}", bench.latency_case, run, "rat-1.3b", tag=f" {tag}"
                     )
-        finally:
-            pdl.set_enabled(True)
         return 0
     run.guarded("check", "model", bench.check_model, run)
     for shape in (("rat", T_big, B_big), ("rat", T_long, B_long)):

@@ -27,10 +27,10 @@ from ratlm.cache import move_to, plan_batch
 from ratlm.generation import decode_one_token
 
 
-def profile_steps(step, n: int, states, top: int, at: int | None = None) -> dict:
-    """step() captured n times in a CUDA graph (eager on the CPU), each replay from position `at` when
-    given; wall and kernels per step."""
-    run = bench.repeated(step, states, n, torch.cuda.is_available(), at=at)
+def profile_steps(step, n: int, states, top: int, at: int | None = None, before=None) -> dict:
+    """step() captured n times in a CUDA graph (eager on the CPU), each replay from position `at` (and
+    after before()) when given; wall and kernels per step."""
+    run = bench.repeated(step, states, n, torch.cuda.is_available(), at=at, before=before)
     run()
     wall = sorted(bench.timed(run) for _ in range(5))[2] / n * 1e3
     timeline = kernel_timeline(run) if torch.cuda.is_available() else []
@@ -65,12 +65,12 @@ def main(argv: list[str] | None = None) -> int:
             if isinstance(made, str):
                 results.append({"case": f"layer {name} T{T} B{B}", "skipped": made})
                 continue
-            step, state = made
+            step, state, restart = made
             bench.warm_up(step)
             cfg = scale.layer
             slots = {"rat": T // cfg.chunk_size, "attn": T, "swa": cfg.window + 1, "rnn": 0}[name]
             cache = B * cfg.n_heads * slots * cfg.head_dim * 2 * 2
-            r = profile_steps(step, n, [state], args.top, at=T - n // 2)
+            r = profile_steps(step, n, [state], args.top, at=T - n // 2, before=restart)
             results.append({"case": f"layer {name} T{T} B{B}", "cache_bytes": cache, **r})
             del step, state
             bench.release()

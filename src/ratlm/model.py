@@ -76,7 +76,7 @@ class LanguageModel(nn.Module):
             x = block(x, state, inplace=inplace)
         if last_only:
             x = x[:, -1:]
-        return linear(self.norm(x), self.embed.weight)
+        return linear(self.norm(x), self.embed.weight, weight_ready=True)  # a parameter: see ratlm.ops.pdl
 
     def _hooked(self) -> bool:
         """Whether a forward hook (global, or on a block or anything in it) may see the blocks' tensors.

@@ -284,65 +284,70 @@ def test_attention_kernel_on_cuda_matches_twin(cls, N, splits):
 )
 @pytest.mark.parametrize("graphed", [False, True])
 def test_pdl_changes_no_bit_of_a_rat_block_step(graphed):
-    """A RAT block's decode steps at batch 1 (norm, one-row products, split attention, step, residual
-    product), 12 in a row, eagerly or replayed from a CUDA graph: the same bits with programmatic dependent
-    launch as without (a kernel reading its predecessor's output too early would differ)."""
+    """A RAT block's decode steps at batch 1 over 2048 chunk summaries (norm, one-row products, split
+    attention, step, the residual added in place by the output product), 12 in a row, each output the next
+    input, through a chunk's end; eagerly or replayed from a CUDA graph: the same bits with programmatic
+    dependent launch as without (a kernel reading its predecessor's output too early would differ)."""
     from ratlm.bench.decode import paper_scale, randomise
     from ratlm.cache import move_to
     from ratlm.model import make_mixer
     from ratlm.ops import pdl
+    from ratlm.ops.attention.decode_triton import plan_splits
 
     torch.manual_seed(0)
     cfg = paper_scale().layer.replace(layers="rat")
     mixer = make_mixer("rat", cfg).to("cuda", torch.bfloat16).eval()
-    start = mixer.new_state(1, 8192, "cuda", torch.bfloat16)
+    start = mixer.new_state(1, 32768 + 64, "cuda", torch.bfloat16)
     randomise([start])
-    move_to(start, 8000)
-    xs = torch.randn(12, 1, 1, cfg.d_model, device="cuda", dtype=torch.bfloat16)
+    move_to(start, 32768 - 8)  # steps 32760..32771: the chunk ending at 32767 is closed and stored
+    assert plan_splits(cfg.n_heads, start.keys.shape[2], start.keys.device)[0] > 1  # the split path
+    x0 = torch.randn(1, 1, cfg.d_model, device="cuda", dtype=torch.bfloat16)
 
     def steps(on: bool):
-        pdl.set_enabled(on)
-        state, x = copy.deepcopy(start), xs[0].clone()
+        state, x = copy.deepcopy(start), x0.clone()
         outs = []
-        try:
-            with torch.no_grad():
-                if not graphed:
-                    for x in xs:
-                        outs.append(mixer(x.clone(), state))
-                    return outs, state
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    mixer(x.clone(), copy.deepcopy(state))  # compiles the kernels outside the capture
-                torch.cuda.current_stream().wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    y = mixer(x, state)
-                for step in xs:
-                    x.copy_(step)
-                    graph.replay()
-                    outs.append(y.clone())
+        with pdl.enabled_as(on), torch.no_grad():
+            if not graphed:
+                for _ in range(12):
+                    x = mixer(x, state, inplace=True)
+                    outs.append(x.clone())
                 return outs, state
-        finally:
-            pdl.set_enabled(True)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                mixer(x.clone(), copy.deepcopy(state), inplace=True)  # compiles the kernels before capture
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                mixer(x, state, inplace=True)
+            for _ in range(12):
+                graph.replay()
+                outs.append(x.clone())
+            return outs, state
 
-    assert pdl.wanted(xs)
+    with pdl.enabled_as(True):
+        assert pdl.wanted(x0)
     (with_pdl, state_pdl), (without, state_plain) = steps(True), steps(False)
+    assert not torch.equal(with_pdl[0], with_pdl[-1])
     for a, b in zip(with_pdl, without, strict=True):
         assert torch.equal(a, b)
     for name in STATE_FIELDS[RATState]:
         assert torch.equal(getattr(state_pdl, name), getattr(state_plain, name)), name
 
 
-def test_pdl_is_off_without_a_hopper_gpu():
+def test_pdl_switch_and_where_it_applies():
     from ratlm.ops import pdl
 
     assert pdl.launch_options(False) == {} and pdl.launch_options(True) == {"launch_pdl": True}
-    assert not pdl.wanted(torch.zeros(1))  # a CPU tensor
-    pdl.set_enabled(False)
-    try:
-        assert not pdl.enabled()
-        if torch.cuda.is_available():
+    assert pdl.kernel_options(torch.zeros(1)) == {"PDL": False}  # a CPU tensor: no PDL, no launch option
+    assert not pdl.active("cpu")
+    before = pdl.enabled()
+    with pdl.enabled_as(not before):
+        assert pdl.enabled() is (not before)
+    assert pdl.enabled() is before
+    if torch.cuda.is_available():
+        with pdl.enabled_as(False):
             assert not pdl.wanted(torch.zeros(1, device="cuda"))
-    finally:
-        pdl.set_enabled(True)
+        with pdl.enabled_as(True):
+            hopper = torch.cuda.get_device_capability()[0] >= 9
+            assert pdl.active("cuda") == (hopper and pdl.gdc_wait is not None)

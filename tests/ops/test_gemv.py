@@ -57,13 +57,14 @@ def test_matches_fp64_like_torch(M, N, K, tile, dtype, device, poison):
         assert _rounded_once(out, x, w)
 
 
+@pytest.mark.parametrize("weight_ready", [False, True])  # the weights' first step before or after the wait
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_accumulate_adds_into_out_and_rounds_once(dtype, device):
-    x = torch.randn(1, 300, device=device).to(dtype)
+def test_accumulate_adds_into_out_and_rounds_once(dtype, weight_ready, device):
     w = torch.randn(70, 300, device=device).to(dtype)
+    x = torch.randn(1, 300, device=device).to(dtype)
     base = (100 * torch.randn(1, 70, device=device)).to(dtype)
     out = base.clone()
-    assert gemv_triton(x, w, out, accumulate=True) is out
+    assert gemv_triton(x, w, out, accumulate=True, weight_ready=weight_ready) is out
     if dtype == torch.float32:
         ref = base.clone().addmm_(x, w.t())
         assert (

@@ -203,18 +203,21 @@ def graph_of(fn, states, steps: int):
     return graph
 
 
-def repeated(fn, states, n: int, cuda: bool, at: int | None = None):
+def repeated(fn, states, n: int, cuda: bool, at: int | None = None, before=None):
     """One callable running fn() n times: a CUDA graph of the n calls, replayed (captured, and replayed once
     here), on CUDA; a loop elsewhere.
 
     at: each call first puts the states at position `at` (a fill of the device counters, inside the graph),
-    so that every call times the steps at positions at .. at + n - 1 however often it runs.
+    so that every call times the steps at positions at .. at + n - 1 however often it runs. before: also
+    called first in each call (inside the graph), e.g. to restore an input the steps update in place.
     """
 
     def steps():
         if at is not None:
             for s in states:
                 move_to(s, at)
+        if before is not None:
+            before()
         for _ in range(n):
             fn()
 
@@ -365,7 +368,8 @@ def check_model(run: Run) -> None:
 
 def layer_setup(scale: Scale, name: str, T: int, B: int, extra: int, inplace: bool = True):
     """One mixer (bf16, the benchmark's layer config) with a random cache at position T that has room for
-    `extra` more tokens: (step, state), step() decoding one token for B sequences; or the reason it does not
+    `extra` more tokens: (step, state, restart), step() decoding one token for B sequences (adding the
+    residual into its input x when inplace), restart() putting x back as it was; or the reason it does not
     fit on the device."""
     dev, cfg = scale.device, scale.layer.replace(layers=name)
     need = state_nbytes(make_mixer(name, cfg).new_state(B, T + extra, "meta", torch.bfloat16))
@@ -378,12 +382,13 @@ def layer_setup(scale: Scale, name: str, T: int, B: int, extra: int, inplace: bo
     state = mixer.new_state(B, T + extra, dev, torch.bfloat16)
     randomise([state])
     move_to(state, T)
-    x = torch.randn(B, 1, cfg.d_model, device=dev, dtype=torch.bfloat16)
+    x0 = torch.randn(B, 1, cfg.d_model, device=dev, dtype=torch.bfloat16)
+    x = x0.clone()
 
     def one():
         return mixer(x, state, inplace=inplace)
 
-    return one, state
+    return one, state, lambda: x.copy_(x0)
 
 
 def layer_case(
@@ -408,7 +413,7 @@ def layer_case(
         run.record("layer", case, status="skipped", reason=made)
         run.line("layer", case, f"skipped: {made}")
         return
-    one, state = made
+    one, state, restart = made
     decode_triton.OVERRIDES.clear()
     if tiling:
         given = zip(("block_n", "num_warps", "splits"), tiling, strict=False)
@@ -417,7 +422,7 @@ def layer_case(
         with torch.no_grad():
             warm_up(one)
             eager_ms = timed(lambda: [one() for _ in range(8)]) / 8 * 1e3 if eager else None
-            step = repeated(one, [state], n, dev == "cuda", at=at)
+            step = repeated(one, [state], n, dev == "cuda", at=at, before=restart)  # x: no drift
             once = timed(step)
             reps = max(1, int(0.25 / max(once, 1e-6)))
             times = sorted(timed(lambda: [step() for _ in range(reps)]) / (reps * n) * 1e3 for _ in range(3))
@@ -432,7 +437,7 @@ def layer_case(
     result = dict(mixer=name, T=T, batch=B, ms=ms, ms_rounds=times, eager_ms=eager_ms, tiling=tiling)
     result.update(residual_inplace=inplace)
     result.update(bytes_moved=moved, gb_per_s=moved / ms / 1e6, ref_ms=ref, steps_timed=3 * reps * n)
-    result.update(positions=[at, at + n - 1], pdl=pdl.enabled())
+    result.update(positions=[at, at + n - 1], pdl=pdl.active(dev))
     run.record("layer", case, status="ok", **result)
     text = f"{ms * 1e3:8.1f} us/step {moved / ms / 1e6:6.0f} GB/s"
     text += f"  eager {eager_ms * 1e3:.0f} us" if eager_ms else ""
@@ -501,7 +506,7 @@ def latency_case(run: Run, name: str, compile: bool = False, tag: str = "") -> N
     case = name + (" compiled" if compile else "") + tag
     result = dict(ms_per_token=ms, eager_ms_per_token=eager_ms, prefill_s=prefill_s, prompt=P)
     result.update(graph=dev == "cuda", compiled=compile, first_step_s=first_s, steps_timed=steps)
-    result.update(greedy_agreement_with_full_forward=agree, ref_ms_per_token=ref, pdl=pdl.enabled())
+    result.update(greedy_agreement_with_full_forward=agree, ref_ms_per_token=ref, pdl=pdl.active(dev))
     run.record("latency", case, status="ok", **result)
     text = f"{ms:6.2f} ms/token graph, {eager_ms:6.2f} eager"
     text += f"; greedy agreement {agree:.3f}" + (f"; first step {first_s:.1f} s" if compile else "")

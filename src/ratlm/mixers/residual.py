@@ -62,7 +62,8 @@ def plain_linear(proj: nn.Module) -> bool:
 def project(proj: nn.Module, h: Tensor) -> Tensor:
     """proj(h); for a `plain_linear`, through `ratlm.ops.linear`, which takes the Triton one-row product in
     batch-1 decoding."""
-    return linear(h, proj.weight) if plain_linear(proj) else proj(h)
+    # a plain module's parameter: the kernel that computed h did not write it (`ratlm.ops.pdl`)
+    return linear(h, proj.weight, weight_ready=True) if plain_linear(proj) else proj(h)
 
 
 def norm_project(norm: nn.Module, proj: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -94,7 +95,7 @@ def add_projection(x: Tensor, y: Tensor, proj: nn.Linear, inplace: bool = False)
     half = autocast_dtype(x.device.type)
     same_dtype = x.dtype == y.dtype == proj.weight.dtype
     if inplace and not torch.is_grad_enabled() and half is None and same_dtype and x.is_contiguous():
-        return addmm_into(x, y, proj.weight)
+        return addmm_into(x, y, proj.weight, weight_ready=True)
     if (
         half in (torch.bfloat16, torch.float16)
         and x.dtype == torch.float32

@@ -39,14 +39,19 @@ def _x_tile(xs, k0, k, K, EVEN: tl.constexpr):
 def _gemv_kernel(
     X, W, OUT, N, K, stride_xm, stride_wn, stride_om,
     BN: tl.constexpr, BK: tl.constexpr, ACCUMULATE: tl.constexpr, EVEN: tl.constexpr, PDL: tl.constexpr,
+    WEIGHT_READY: tl.constexpr,
 ):  # fmt: skip
     m = tl.program_id(1).to(tl.int64)
     n = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
     k = tl.arange(0, BK)
     rows = W + n[:, None] * stride_wn + k[None, :]
     xs = X + m * stride_xm + k
-    w = _w_tile(rows, 0, n, k, N, K, EVEN)  # the weights' first step: no kernel writes them
-    wait_for_previous(PDL)  # x and out may come from the kernel before
+    if WEIGHT_READY:  # no kernel still running writes w: its first step loads while the previous one ends
+        w = _w_tile(rows, 0, n, k, N, K, EVEN)
+        wait_for_previous(PDL)  # x and out may come from the kernel before
+    else:
+        wait_for_previous(PDL)
+        w = _w_tile(rows, 0, n, k, N, K, EVEN)
     acc = w.to(tl.float32) * _x_tile(xs, 0, k, K, EVEN).to(tl.float32)[None, :]
     for k0 in range(BK, K, BK):
         w = _w_tile(rows, k0, n, k, N, K, EVEN)
@@ -66,11 +71,21 @@ def gemv_tile(K: int) -> tuple[int, int, int]:
 
 
 def gemv_triton(
-    x: Tensor, w: Tensor, out: Tensor | None = None, accumulate: bool = False, tile=None
+    x: Tensor,
+    w: Tensor,
+    out: Tensor | None = None,
+    accumulate: bool = False,
+    tile=None,
+    weight_ready: bool = False,
 ) -> Tensor:
     """x [M, K] @ w.T for w [N, K] (unit stride along K for both), into out [M, N] (unit stride along N; new,
     in x's dtype, when None); with accumulate, out += x @ w.T. The sum is in fp32 and rounded once to out's
-    dtype. Raises ValueError for other shapes or strides."""
+    dtype. Raises ValueError for other shapes or strides.
+
+    weight_ready: the caller promises that the kernel just before this one in the stream does not write w
+    (a module's parameter in the middle of a forward). With programmatic dependent launch (`ratlm.ops.pdl`)
+    the weights' first step then loads while that kernel finishes.
+    """
     if x.dim() != 2 or w.dim() != 2 or w.shape[1] != x.shape[1] or x.stride(1) != 1 or w.stride(1) != 1:
         raise ValueError(
             f"x [M, K] and w [N, K] with unit strides along K; got x {tuple(x.shape)} strides {x.stride()}, "
@@ -86,9 +101,9 @@ def gemv_triton(
                          f"strides {out.stride()}")  # fmt: skip
     bn, bk, warps = tile or gemv_tile(K)
     even = N % bn == 0 and K % bk == 0
-    on = pdl.wanted(x)
     _gemv_kernel[(triton.cdiv(N, bn), M)](
         x, w, out, N, K, x.stride(0), w.stride(0), out.stride(0),
-        BN=bn, BK=bk, ACCUMULATE=accumulate, EVEN=even, PDL=on, num_warps=warps, **pdl.launch_options(on),
+        BN=bn, BK=bk, ACCUMULATE=accumulate, EVEN=even, WEIGHT_READY=weight_ready, num_warps=warps,
+        **pdl.kernel_options(x),
     )  # fmt: skip
     return out

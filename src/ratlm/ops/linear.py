@@ -43,23 +43,25 @@ def _transformed(t: Tensor) -> bool:
     return fwAD.unpack_dual(t).tangent is not None or (wrapped is not None and wrapped(t))
 
 
-def linear(x: Tensor, weight: Tensor) -> Tensor:
-    """F.linear(x, weight) without a bias: [..., N] for x [..., K] and weight [N, K]."""
+def linear(x: Tensor, weight: Tensor, weight_ready: bool = False) -> Tensor:
+    """F.linear(x, weight) without a bias: [..., N] for x [..., K] and weight [N, K]. weight_ready: the
+    kernel just before does not write the weight (see `gemv_triton`)."""
     if gemv_wanted(x, weight):
         from .gemv_triton import gemv_triton
 
-        return gemv_triton(x.reshape(1, -1), weight).view(*x.shape[:-1], weight.shape[0])
+        y = gemv_triton(x.reshape(1, -1), weight, weight_ready=weight_ready)
+        return y.view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight)
 
 
-def addmm_into(out: Tensor, y: Tensor, weight: Tensor) -> Tensor:
+def addmm_into(out: Tensor, y: Tensor, weight: Tensor, weight_ready: bool = False) -> Tensor:
     """out += y @ weight.T in out's memory (out [..., N] contiguous, y [..., K], weight [N, K]); returns out.
-    The sum is rounded once to out's dtype."""
+    The sum is rounded once to out's dtype. weight_ready: as for `linear`."""
     one_row = out.numel() == out.shape[-1] == weight.shape[0] and out.stride(-1) == 1
     if one_row and out.dtype == y.dtype and gemv_wanted(y, weight):
         from .gemv_triton import gemv_triton
 
-        gemv_triton(y.reshape(1, -1), weight, out.view(1, -1), accumulate=True)
+        gemv_triton(y.reshape(1, -1), weight, out.view(1, -1), accumulate=True, weight_ready=weight_ready)
     else:
         out.view(-1, out.shape[-1]).addmm_(y.reshape(-1, y.shape[-1]), weight.t())
     return out

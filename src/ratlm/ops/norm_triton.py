@@ -32,9 +32,9 @@ def _rms_fwd_kernel(
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BD)
     m = (rows < N)[:, None] & (cols < D)[None, :]
-    w = tl.load(W + cols, mask=cols < D, other=0.0).to(tl.float32)  # the weight: no kernel writes it
-    wait_for_previous(PDL)
+    wait_for_previous(PDL)  # x, and even the weight, may come from the kernel before
     x = tl.load(X + rows[:, None] * sx + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    w = tl.load(W + cols, mask=cols < D, other=0.0).to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, 1) / D + eps)
     y = x * rstd[:, None] * w[None, :]
     tl.store(Y + rows[:, None] * sy + cols[None, :], round_to(y, Y.dtype.element_ty), mask=m)
@@ -93,10 +93,9 @@ def _norm_fwd(ctx, x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype
     ROWS = _rows_per_block(BD)
     y = torch.empty(N, D, device=x.device, dtype=out_dtype)
     rstd = torch.empty(N, device=x.device, dtype=torch.float32)
-    on = pdl.wanted(x2)
     _rms_fwd_kernel[(triton.cdiv(N, ROWS),)](
         x2, weight, y, rstd, N, D, x2.stride(0), y.stride(0), eps,
-        ROWS=ROWS, BD=BD, PDL=on, num_warps=4 if BD * ROWS <= 4096 else 8, **pdl.launch_options(on),
+        ROWS=ROWS, BD=BD, num_warps=4 if BD * ROWS <= 4096 else 8, **pdl.kernel_options(x2),
     )  # fmt: skip
     ctx.save_for_backward(x2, weight, rstd)
     ctx.x_shape, ctx.x_dtype = x.shape, x.dtype

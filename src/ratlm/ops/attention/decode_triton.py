@@ -279,7 +279,6 @@ def attention_decode_triton(
     N = keys.shape[2]
     half = d // 2
     splits, split_len, block_n, num_warps = plan_splits(B * H, N, v.device, config)
-    on = pdl.wanted(v)
     stats, acc = split_workspace(B * H, splits, d, v.device)
     rope = state.rope if position == "rope" else stats  # any pointer when unused
     out = torch.empty(B, H, d, dtype=v.dtype, device=v.device)
@@ -288,8 +287,7 @@ def attention_decode_triton(
     if splits > 1:
         _split_kernel[(B * H, splits)](
             q, q.stride(0), rope, keys, values, *strides, state.pos, stats, acc,
-            scale, H, H, N, 1, split_len, splits, **meta, PDL=on, num_warps=num_warps,
-            **pdl.launch_options(on),
+            scale, H, H, N, 1, split_len, splits, **meta, num_warps=num_warps, **pdl.kernel_options(v),
         )  # fmt: skip
     _attention_step_kernel[(B * H,)](
         q, k, v, q.stride(0), k.stride(0), v.stride(0), rope,

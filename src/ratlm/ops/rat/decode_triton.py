@@ -141,18 +141,17 @@ def rat_decode_triton(
     out = torch.empty(B, H, d, dtype=v.dtype, device=v.device)
     meta = dict(HALF=half, BLOCK_H=triton.next_power_of_2(half), BLOCK_N=block_n, ROPE=position == "rope")
     strides = (keys.stride(0), keys.stride(1), keys.stride(2))
-    on = pdl.wanted(v)
-    launch = dict(num_warps=num_warps, **pdl.launch_options(on))
+    launch = dict(num_warps=num_warps, **pdl.kernel_options(v))
     if splits > 1:
         _split_kernel[(B * H, splits)](
             q, q.stride(0), rope, keys, values, *strides, state.pos, stats, acc,
-            scale, H, G, C, chunk_size, split_len, splits, **meta, PDL=on, **launch,
+            scale, H, G, C, chunk_size, split_len, splits, **meta, **launch,
         )  # fmt: skip
     _rat_step_kernel[(B * H,)](
         q, k, v, g, z, gate_bias, q.stride(0), k.stride(0), v.stride(0), g.stride(0), z.stride(0),
         rope, keys, values, *strides, state.k_run, state.v_run, state.k_run.stride(0), state.k_run.stride(1),
         state.pos, stats, acc, out, out.stride(0),
-        scale, H, G, chunk_size, splits, **meta, **split_meta(splits), PDL=on, **launch,
+        scale, H, G, chunk_size, splits, **meta, **split_meta(splits), **launch,
     )  # fmt: skip
     advance(state)
     return out
