@@ -225,6 +225,28 @@ def test_add_projection_in_place_equals_the_plain_residual_and_falls_back_where_
             assert add_projection(kept, y, proj, inplace=True) is not kept and torch.equal(kept, x)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_add_projection_in_place_under_autocast_writes_the_epilogue_gemm_into_x():
+    """Mixed-precision cached prefill: fp32 x, bf16 autocast, no autograd. Where torch accumulates into x
+    itself (out=x with out_dtype), x is the result and holds what the out-of-place epilogue GEMM gives;
+    otherwise x is left alone."""
+    from ratlm.mixers import residual
+
+    torch.manual_seed(0)
+    proj = torch.nn.Linear(256, 128, bias=False, device="cuda")
+    x, y = torch.randn(2, 64, 128, device="cuda"), torch.randn(2, 64, 256, device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+        apart = residual.add_projection(x.clone(), y, proj)
+        mine = x.clone()
+        out = residual.add_projection(mine, y, proj, inplace=True)
+    assert apart.dtype == torch.float32
+    if residual._INPLACE_EPILOGUE_OK.get(("cuda:0", torch.bfloat16)):
+        assert out is mine and torch.equal(out, apart)
+    else:
+        assert out is not mine and torch.equal(mine, x) and torch.equal(out, apart)
+
+
 def test_cached_model_forward_adds_residuals_in_place_only_into_its_own_tensors():
     from ratlm import LanguageModel, ModelConfig
 

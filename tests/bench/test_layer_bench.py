@@ -14,6 +14,7 @@ def test_smoke_run_writes_checks_timings_and_summary(tmp_path, capsys):
     bench = LayerBench(out=tmp_path)
     bench.smoke_mode("cuda" if torch.cuda.is_available() else "cpu")
     bench.candidates = ("triton", "torch")
+    bench.modes = ("train", "prefill", "fill")
     assert run(bench) == 0
     rows = [json.loads(line) for line in (tmp_path / "bench_layer.jsonl").read_text().splitlines()]
     kinds = {r["kind"] for r in rows}
@@ -23,7 +24,9 @@ def test_smoke_run_writes_checks_timings_and_summary(tmp_path, capsys):
     timed = [r for r in rows if r["kind"] == "time"]
     assert all(r["status"] == "ok" for r in timed), [r for r in timed if r["status"] != "ok"]
     layers = {(r["mode"], r["layer"]) for r in timed}
-    assert {(m, k) for m in ("train", "prefill") for k in ("attention", "rat", "rnn", "swa")} <= layers
+    assert {
+        (m, k) for m in ("train", "prefill", "fill") for k in ("attention", "rat", "rnn", "swa")
+    } <= layers
     assert all(r["ms"] > 0 and r["tflop"] > 0 for r in timed)
     out = capsys.readouterr().out
     assert "train (ms" in out and "checks:" in out

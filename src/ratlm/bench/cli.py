@@ -37,7 +37,7 @@ def cmd_bench_layer(args: argparse.Namespace) -> None:
     bench.checks, bench.plot = not args.no_checks, not args.no_plot
     if args.seq_lens is not None:
         bench.flex_lens = tuple(t for t in bench.seq_lens if t in bench.flex_lens) or bench.seq_lens[:1]
-    unknown = (set(bench.modes) - {"train", "prefill"}) | (set(bench.candidates) - set(CANDIDATES))
+    unknown = (set(bench.modes) - {"train", "prefill", "fill"}) | (set(bench.candidates) - set(CANDIDATES))
     if unknown:
         raise ValueError(f"unknown mode or candidate {sorted(unknown)}")
     if run(bench):
@@ -51,7 +51,9 @@ def add_bench_parser(sub) -> None:
     p = kinds.add_parser("layer", help="one mixer layer: training and prefill over lengths (Figure 3)")
     p.add_argument("--out", help="results folder (default $OUT, else ./bench-out)")
     p.add_argument("--quick", action="store_true", help="T 131072 and 4096, L 16 (about 2.5 min)")
-    p.add_argument("--modes", type=_names, help="train,prefill (default both)")
+    p.add_argument(
+        "--modes", type=_names, help="train,prefill (default both); fill: prefill into a cache, in place"
+    )
     p.add_argument("--seq-lens", type=_ints, help="lengths, most wanted first (default 131072,4096,...)")
     p.add_argument("--chunks", type=_ints, help="RAT chunk sizes (default 16,64,128)")
     p.add_argument("--candidates", type=_names, help="RAT engines: cudnn,triton,flex,torch (default all)")

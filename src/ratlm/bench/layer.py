@@ -11,6 +11,10 @@ One call on one GPU, about 6 minutes (`--quick`: about 2):
    PyTorch path, at the shortest length only), causal attention (SDPA), sliding window (W 1024) and the
    RNN. Medians of CUDA-event timings after one warm-up call (whose time, compilation included, is
    reported apart), peak memory, achieved TFLOP/s against the measured matmul ceiling.
+   Modes: "train" (forward + backward), "prefill" (an inference-mode forward without a cache; the residual
+   goes to a new tensor) and, when asked for (`--modes ...,fill`), "fill": the prefill as
+   `LanguageModel.forward` runs a prompt with a cache, filling a fresh bf16 state and adding the residual
+   into x in place (x and the state are put back between calls, untimed).
 
 Every phase has a time budget; configurations left when it runs out are recorded as skipped, failures
 (out of memory, an engine refusing a shape) are recorded and the run goes on. JSON lines go to
@@ -44,6 +48,7 @@ from pathlib import Path
 
 import torch
 
+from ..cache import move_to
 from ..config import ModelConfig
 from ..model import make_mixer
 from ..ops import backend
@@ -133,10 +138,15 @@ def environment(bench: LayerBench) -> dict:
     }
 
 
-def time_ms(fn, reps_s: float, cuda: bool, min_reps: int = 3, max_reps: int = 30) -> tuple[float, list]:
-    """Median milliseconds of fn() (already warmed up): CUDA events on the GPU, the host clock elsewhere."""
+def time_ms(
+    fn, reps_s: float, cuda: bool, min_reps: int = 3, max_reps: int = 30, setup=None
+) -> tuple[float, list]:
+    """Median milliseconds of fn() (already warmed up): CUDA events on the GPU, the host clock elsewhere.
+    setup(), when given, runs before every call, untimed."""
     times: list[float] = []
     while len(times) < max_reps and (len(times) < min_reps or sum(times) < 1000 * reps_s):
+        if setup is not None:
+            setup()
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -498,6 +508,25 @@ def layer_step(layer: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor | None)
     return prefill_step if dy is None else train_step
 
 
+def fill_step(layer: torch.nn.Module, x: torch.Tensor):
+    """(step, setup): a prompt's prefill as `LanguageModel.forward` runs it with a cache, under bf16 autocast:
+    the layer fills a fresh bf16 state for the whole of x and adds its residual into x in place. setup()
+    (untimed) puts x back and the state at position 0, so every call does the same work."""
+    device_type = x.device.type
+    x0 = x.detach().clone()
+    state = layer.new_state(x.shape[0], x.shape[1], x.device, torch.bfloat16)
+
+    def setup():
+        x.copy_(x0)
+        move_to(state, 0)
+
+    def step():
+        with torch.inference_mode(), torch.autocast(device_type, dtype=torch.bfloat16):
+            layer(x, state, inplace=True)
+
+    return step, setup
+
+
 def time_one(bench: LayerBench, mode: str, T: int, kind: str, L: int | None, candidate: str) -> dict:
     B = max(1, bench.tokens // T)
     cfg = _config(bench, L or 16, T)
@@ -507,15 +536,18 @@ def time_one(bench: LayerBench, mode: str, T: int, kind: str, L: int | None, can
     try:
         with backend.use_backend(choice):
             torch.manual_seed(0)
+            setup = None
             if kind == "rat-core":
                 step = _core_step(bench, cfg, B, T, mode == "train")
             else:
                 layer = _layer(kind, cfg, bench.device)
                 x = torch.randn(B, T, bench.d_model, device=bench.device, requires_grad=mode == "train")
                 dy = torch.randn_like(x) if mode == "train" else None
-                step = layer_step(layer, x, dy)
+                step, setup = fill_step(layer, x) if mode == "fill" else (layer_step(layer, x, dy), None)
             base = torch.cuda.memory_allocated() if bench.cuda else 0
             t0 = time.perf_counter()
+            if setup is not None:
+                setup()
             step()
             if bench.cuda:
                 torch.cuda.synchronize()
@@ -526,7 +558,7 @@ def time_one(bench: LayerBench, mode: str, T: int, kind: str, L: int | None, can
                 row["engine_ran"] = gpu.last_engine if candidate != "torch" else "torch"
             if bench.cuda:
                 torch.cuda.reset_peak_memory_stats()
-            ms, times = time_ms(step, bench.rep_s, bench.cuda, bench.min_reps)
+            ms, times = time_ms(step, bench.rep_s, bench.cuda, bench.min_reps, setup=setup)
             peak = torch.cuda.max_memory_allocated() if bench.cuda else 0
             f = flops(kind, B, T, cfg, mode == "train")
             row.update(
@@ -695,7 +727,12 @@ def plot_rows(rows: list[dict], modes: list[str], tokens: int, path: Path) -> Pa
         ax.set_yscale("log")
         ax.set_xlabel(f"sequence length T ({tokens} tokens per call)")
         ax.set_ylabel("ms per call")
-        ax.set_title(f"one layer, {'forward + backward' if mode == 'train' else 'prefill (forward)'}")
+        title = {
+            "train": "forward + backward",
+            "prefill": "prefill (forward)",
+            "fill": "prefill into a cache",
+        }
+        ax.set_title(f"one layer, {title[mode]}")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()

@@ -31,6 +31,30 @@ def _epilogue_supported(device: torch.device, half: torch.dtype) -> bool:
     return _EPILOGUE_OK[key]
 
 
+_INPLACE_EPILOGUE_OK: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def _inplace_epilogue_supported(device: torch.device, half: torch.dtype) -> bool:
+    """Whether torch.addmm with out_dtype fp32 accumulates into its fp32 addend in place (out=addend) here,
+    without copying the addend first: tried once per device and dtype on a tensor whose result tells."""
+    key = (str(device), half)
+    if key not in _INPLACE_EPILOGUE_OK:
+        if not _epilogue_supported(device, half) or torch.cuda.is_current_stream_capturing():
+            return False
+        try:
+            a = torch.ones(2, 2, device=device, dtype=half)
+            x = torch.full((2, 2), 1 + 2**-20, device=device)
+            ptr = x.data_ptr()
+            out = torch.addmm(x, a, a, out_dtype=torch.float32, out=x)
+            ok = out.data_ptr() == ptr == x.data_ptr() and bool((x == 3 + 2**-20).all())
+            _INPLACE_EPILOGUE_OK[key] = ok
+        except torch.cuda.OutOfMemoryError:  # not a verdict: try again next time
+            return False
+        except (RuntimeError, TypeError, NotImplementedError):
+            _INPLACE_EPILOGUE_OK[key] = False
+    return _INPLACE_EPILOGUE_OK[key]
+
+
 class _AddProjection(torch.autograd.Function):  # first-order only: double backward raises
     """x + y @ w.T for an fp32 x [N, D], y [N, D_in] in a half dtype and w [D, D_in] (cast to y's dtype): one
     GEMM that adds x in its epilogue and writes fp32, where autocast would write the product in y's dtype and
@@ -88,13 +112,16 @@ def add_projection(x: Tensor, y: Tensor, proj: nn.Linear, inplace: bool = False)
     the product is accumulated into x's own memory (one GEMM with beta = 1) and x is returned: one kernel
     instead of a GEMM and an add, which matters when a decode step is a few hundred small kernels (for one
     row, the Triton product of `ratlm.ops.linear.addmm_into`). The result is rounded once instead of
-    twice. Not with autograd or autocast on, another dtype or x not contiguous.
+    twice. Not with autograd on, x not contiguous, or dtypes other than one shared dtype or the epilogue
+    case above (fp32 x under half autocast: the same GEMM, written into x instead of a copy of it, where
+    torch allows out=x with out_dtype).
     """
     if not plain_linear(proj):  # only x @ weight.T can be fused
         return x + proj(y)
     half = autocast_dtype(x.device.type)
     same_dtype = x.dtype == y.dtype == proj.weight.dtype
-    if inplace and not torch.is_grad_enabled() and half is None and same_dtype and x.is_contiguous():
+    into_x = inplace and not torch.is_grad_enabled() and x.is_contiguous()
+    if into_x and half is None and same_dtype:
         return addmm_into(x, y, proj.weight, weight_ready=True)
     if (
         half in (torch.bfloat16, torch.float16)
@@ -104,5 +131,9 @@ def add_projection(x: Tensor, y: Tensor, proj: nn.Linear, inplace: bool = False)
         and _epilogue_supported(x.device, half)
     ):
         y2 = y.reshape(-1, y.shape[-1]).to(half)
+        if into_x and _inplace_epilogue_supported(x.device, half):
+            x2 = x.view(-1, x.shape[-1])
+            torch.addmm(x2, y2, proj.weight.to(half).t(), out_dtype=torch.float32, out=x2)
+            return x
         return _AddProjection.apply(x.reshape(-1, x.shape[-1]), y2, proj.weight).view(x.shape)
     return x + proj(y)
