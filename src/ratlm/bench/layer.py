@@ -48,7 +48,7 @@ from pathlib import Path
 
 import torch
 
-from ..cache import move_to
+from ..cache import move_to, row_tensors
 from ..config import ModelConfig
 from ..model import make_mixer
 from ..ops import backend
@@ -147,6 +147,8 @@ def time_ms(
     while len(times) < max_reps and (len(times) < min_reps or sum(times) < 1000 * reps_s):
         if setup is not None:
             setup()
+            if cuda:  # the setup's kernels finish first: the timed call starts from an idle queue
+                torch.cuda.synchronize()
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -519,6 +521,8 @@ def fill_step(layer: torch.nn.Module, x: torch.Tensor):
     def setup():
         x.copy_(x0)
         move_to(state, 0)
+        for name in row_tensors(state):  # a fresh cache, as `ModelCache.reset` leaves it (the RNN reads it)
+            getattr(state, name).zero_()
 
     def step():
         with torch.inference_mode(), torch.autocast(device_type, dtype=torch.bfloat16):
@@ -574,7 +578,7 @@ def time_one(bench: LayerBench, mode: str, T: int, kind: str, L: int | None, can
     except Exception as e:
         row.update(_error(e))
     finally:
-        layer = x = dy = step = None
+        layer = x = dy = step = setup = None
         _free()
     return row
 
@@ -601,6 +605,8 @@ def _core_step(bench: LayerBench, cfg: ModelConfig, B: int, T: int, train: bool)
 def run_timings(bench: LayerBench, mode: str, deadline: float, ceiling: float) -> None:
     for T in bench.seq_lens:
         for kind, L, candidate in _jobs(bench, T):
+            if mode == "fill" and kind == "rat-core":  # no cache and no residual: the prefill row's twin
+                continue
             if time.perf_counter() > deadline:
                 _emit(
                     bench,
