@@ -246,25 +246,29 @@ def test_cli_streams_a_single_prompt(tmp_path, capsys):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_graph_decode_on_two_streams_equals_one_stream():
-    """DecodeStep(streams=2) replayed from a graph with the two row groups on two streams: the logits of the
-    one-stream step (up to the products' rounding for fewer rows) and the same positions."""
+def test_cuda_graph_decode_on_row_streams_equals_eager_and_one_stream():
+    """DecodeStep(streams=3) on a bf16 model, three one-row groups on three streams (the one-row products and
+    the split decode kernels): replayed from a graph, the same bits as run eagerly on the same streams, for
+    40 steps; and the one-stream step's logits up to bf16 rounding, at the same positions."""
     from ratlm.generation import DecodeStep, prefill
 
     torch.manual_seed(0)
-    m = LanguageModel(preset("rat-small", layers="rat,swa", window=20)).cuda().eval()
-    prompts = [torch.randint(0, 257, (n,)).tolist() for n in (5, 40, 17, 33, 9)]
+    m = LanguageModel(preset("rat-small", layers="rat,swa", window=20)).cuda().bfloat16().eval()
+    prompts = [torch.randint(0, 257, (n,)).tolist() for n in (5, 40, 17)]
     with torch.no_grad():
-        one, two = m.new_cache(5, 80), m.new_cache(5, 80)
-        first = prefill(m, one, prompts)
-        prefill(m, two, prompts)
-        step_1, step_2 = DecodeStep(m, one, cuda_graph=True), DecodeStep(m, two, cuda_graph=True, streams=2)
+        caches = [m.new_cache(3, 96) for _ in range(3)]
+        first = [prefill(m, c, prompts) for c in caches][0]
+        graphed = DecodeStep(m, caches[0], cuda_graph=True, streams=3)
+        eager = DecodeStep(m, caches[1], cuda_graph=False, streams=3)
+        single = DecodeStep(m, caches[2], cuda_graph=True)
         token = first.argmax(-1)
-        for _ in range(20):
-            x, y = step_1(token), step_2(token)
-            torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-4)
-            token = x.argmax(-1)
-        assert one.seen == two.seen and torch.equal(one.layers[0].pos, two.layers[0].pos)
+        for _ in range(40):
+            g, e, one = graphed(token), eager(token), single(token)
+            assert torch.equal(g, e)
+            torch.testing.assert_close(g.float(), one.float(), rtol=2e-2, atol=5e-2)
+            token = one.argmax(-1)
+        assert caches[0].seen == caches[1].seen == caches[2].seen
+        assert torch.equal(caches[0].layers[0].pos, caches[2].layers[0].pos)
 
 
 @pytest.mark.gpu

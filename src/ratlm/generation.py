@@ -8,6 +8,7 @@ and `generate` ties them together. Memory planning (`plan_batch`) lives in `ratl
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Callable, Sequence
 
@@ -16,6 +17,7 @@ from torch import Tensor
 
 from .cache import CacheOverflowError, ModelCache
 from .model import LanguageModel
+from .ops.backend import autocast_dtype
 from .ops.compiling import with_recompile_room
 
 
@@ -157,11 +159,15 @@ class DecodeStep:
                 mine.seen = theirs.seen
         if self.streams is None:
             return torch.cat([self.step(self.model, view, ids[rows]) for rows, view in self.groups])
-        here = torch.cuda.current_stream()
+        here = torch.cuda.current_stream(ids.device)
+        # autocast caches its casts of the weights, and a cast made on one group's stream would be read on
+        # another's without waiting for it: each group casts its own
+        half = autocast_dtype("cuda")
+        no_cache = torch.autocast("cuda", half, cache_enabled=False) if half else contextlib.nullcontext()
         outs = []
         for (rows, view), stream in zip(self.groups, self.streams, strict=True):
             stream.wait_stream(here)
-            with torch.cuda.stream(stream):
+            with torch.cuda.stream(stream), no_cache:
                 outs.append(self.step(self.model, view, ids[rows]))
         for stream, out in zip(self.streams, outs, strict=True):
             here.wait_stream(stream)
