@@ -10,49 +10,53 @@ from ..ops.linear import addmm_into, linear
 from .norm import bypassable, norm_pair
 
 _EPILOGUE_OK: dict[tuple[str, torch.dtype], bool] = {}
+_INPLACE_EPILOGUE_OK: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def _probed(verdicts: dict, device: torch.device, half: torch.dtype, trial) -> bool:
+    """trial(device, half) -> bool, run once per device and dtype and remembered in `verdicts`: False when
+    torch raises. Not while a CUDA graph is captured (a trial reads its result back), and an out-of-memory
+    error is no verdict: both answer False for now and try again next time."""
+    key = (str(device), half)
+    if key not in verdicts:
+        if torch.cuda.is_current_stream_capturing():
+            return False
+        try:
+            verdicts[key] = trial(device, half)
+        except torch.cuda.OutOfMemoryError:
+            return False
+        except (RuntimeError, TypeError, NotImplementedError):
+            verdicts[key] = False
+    return verdicts[key]
+
+
+def _epilogue_trial(device: torch.device, half: torch.dtype) -> bool:
+    a = torch.ones(2, 2, device=device, dtype=half)
+    x = torch.full((2, 2), 1 + 2**-20, device=device)  # fp32, not representable in half
+    out = torch.addmm(x, a, a, out_dtype=torch.float32)
+    return out.dtype == torch.float32 and bool((out == 3 + 2**-20).all())
+
+
+def _inplace_epilogue_trial(device: torch.device, half: torch.dtype) -> bool:
+    a = torch.ones(2, 2, device=device, dtype=half)
+    x = torch.full((2, 2), 1 + 2**-20, device=device)
+    ptr = x.data_ptr()
+    out = torch.addmm(x, a, a, out_dtype=torch.float32, out=x)
+    return out.data_ptr() == ptr == x.data_ptr() and bool((x == 3 + 2**-20).all())
 
 
 def _epilogue_supported(device: torch.device, half: torch.dtype) -> bool:
     """Whether torch multiplies `half` matrices into an fp32 output with an fp32 addend here, keeping the
-    addend in fp32 (torch.addmm's out_dtype: CUDA only, recent torch), tried once per device and dtype."""
-    key = (str(device), half)
-    if key not in _EPILOGUE_OK:
-        if torch.cuda.is_current_stream_capturing():  # the probe reads its result back: not while capturing
-            return False
-        try:
-            a = torch.ones(2, 2, device=device, dtype=half)
-            x = torch.full((2, 2), 1 + 2**-20, device=device)  # fp32, not representable in half
-            out = torch.addmm(x, a, a, out_dtype=torch.float32)
-            _EPILOGUE_OK[key] = out.dtype == torch.float32 and bool((out == 3 + 2**-20).all())
-        except torch.cuda.OutOfMemoryError:  # not a verdict: try again next time
-            return False
-        except (RuntimeError, TypeError, NotImplementedError):
-            _EPILOGUE_OK[key] = False
-    return _EPILOGUE_OK[key]
-
-
-_INPLACE_EPILOGUE_OK: dict[tuple[str, torch.dtype], bool] = {}
+    addend in fp32 (torch.addmm's out_dtype: CUDA only, recent torch)."""
+    return _probed(_EPILOGUE_OK, device, half, _epilogue_trial)
 
 
 def _inplace_epilogue_supported(device: torch.device, half: torch.dtype) -> bool:
-    """Whether torch.addmm with out_dtype fp32 accumulates into its fp32 addend in place (out=addend) here,
-    without copying the addend first: tried once per device and dtype on a tensor whose result tells."""
-    key = (str(device), half)
-    if key not in _INPLACE_EPILOGUE_OK:
-        if not _epilogue_supported(device, half) or torch.cuda.is_current_stream_capturing():
-            return False
-        try:
-            a = torch.ones(2, 2, device=device, dtype=half)
-            x = torch.full((2, 2), 1 + 2**-20, device=device)
-            ptr = x.data_ptr()
-            out = torch.addmm(x, a, a, out_dtype=torch.float32, out=x)
-            ok = out.data_ptr() == ptr == x.data_ptr() and bool((x == 3 + 2**-20).all())
-            _INPLACE_EPILOGUE_OK[key] = ok
-        except torch.cuda.OutOfMemoryError:  # not a verdict: try again next time
-            return False
-        except (RuntimeError, TypeError, NotImplementedError):
-            _INPLACE_EPILOGUE_OK[key] = False
-    return _INPLACE_EPILOGUE_OK[key]
+    """Whether torch.addmm with out_dtype fp32 also accumulates into its fp32 addend in place (out=addend)
+    here, without copying the addend first."""
+    return _epilogue_supported(device, half) and _probed(
+        _INPLACE_EPILOGUE_OK, device, half, _inplace_epilogue_trial
+    )
 
 
 class _AddProjection(torch.autograd.Function):  # first-order only: double backward raises
