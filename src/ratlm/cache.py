@@ -97,6 +97,13 @@ def move_to(state: LayerState, n: int) -> None:
     state.pos.fill_(n)
 
 
+def clear(state: LayerState) -> None:
+    """Forget every token of a state, keeping its buffers: position 0 and zeroed storage."""
+    move_to(state, 0)
+    for name in row_tensors(state):
+        getattr(state, name).zero_()
+
+
 _SHARED = ("seen", "pos", "rope")  # not per-sequence storage
 
 
@@ -159,10 +166,7 @@ class ModelCache:
     def reset(self) -> None:
         """Forget all tokens, keeping the buffers (no reallocation)."""
         for s in self.layers:
-            s.seen = 0
-            s.pos.zero_()
-            for name in row_tensors(s):
-                getattr(s, name).zero_()
+            clear(s)
         self.ragged = False
 
     def check_room(self, n_new: int) -> None:

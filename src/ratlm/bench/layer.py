@@ -48,7 +48,7 @@ from pathlib import Path
 
 import torch
 
-from ..cache import move_to, row_tensors
+from ..cache import clear
 from ..config import ModelConfig
 from ..model import make_mixer
 from ..ops import backend
@@ -520,9 +520,7 @@ def fill_step(layer: torch.nn.Module, x: torch.Tensor):
 
     def setup():
         x.copy_(x0)
-        move_to(state, 0)
-        for name in row_tensors(state):  # a fresh cache, as `ModelCache.reset` leaves it (the RNN reads it)
-            getattr(state, name).zero_()
+        clear(state)  # a fresh cache, as `ModelCache.reset` leaves it (the RNN reads its state)
 
     def step():
         with torch.inference_mode(), torch.autocast(device_type, dtype=torch.bfloat16):
