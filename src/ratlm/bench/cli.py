@@ -25,7 +25,7 @@ def _names(text: str) -> tuple[str, ...]:
 
 
 def cmd_bench_layer(args: argparse.Namespace) -> None:
-    from .layer import LayerBench, run
+    from .layer import MODES, LayerBench, run
 
     bench = LayerBench(out=Path(args.out or os.environ.get("OUT", "bench-out")))
     if args.quick:
@@ -37,7 +37,7 @@ def cmd_bench_layer(args: argparse.Namespace) -> None:
     bench.checks, bench.plot = not args.no_checks, not args.no_plot
     if args.seq_lens is not None:
         bench.flex_lens = tuple(t for t in bench.seq_lens if t in bench.flex_lens) or bench.seq_lens[:1]
-    unknown = (set(bench.modes) - {"train", "prefill", "fill"}) | (set(bench.candidates) - set(CANDIDATES))
+    unknown = (set(bench.modes) - set(MODES)) | (set(bench.candidates) - set(CANDIDATES))
     if unknown:
         raise ValueError(f"unknown mode or candidate {sorted(unknown)}")
     if run(bench):

@@ -56,6 +56,7 @@ from ..ops.attention import attention_sdpa
 from ..ops.rat.masked import rat_mix_masked
 
 ENGINES = ("cudnn", "triton", "flex")
+MODES = {"train": "forward + backward", "prefill": "prefill (forward)", "fill": "prefill into a cache"}
 PERF_MATMUL_TFLOPS = 729.0  # bf16 matmul 8192^3 on the H200, PERF.md
 
 
@@ -731,12 +732,7 @@ def plot_rows(rows: list[dict], modes: list[str], tokens: int, path: Path) -> Pa
         ax.set_yscale("log")
         ax.set_xlabel(f"sequence length T ({tokens} tokens per call)")
         ax.set_ylabel("ms per call")
-        title = {
-            "train": "forward + backward",
-            "prefill": "prefill (forward)",
-            "fill": "prefill into a cache",
-        }
-        ax.set_title(f"one layer, {title[mode]}")
+        ax.set_title(f"one layer, {MODES[mode]}")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
