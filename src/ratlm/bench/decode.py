@@ -560,6 +560,7 @@ def throughput_run(
     max_len = P + NEW
     plan = plan_batch(model, max_len, P, free=scale.free, reserve=0 if scale.free else None)
     B = max(1, int(plan.batch_size * shrink))
+    streams = min(streams, B)
     run.line("throughput", name, f"plan: {plan}" + (f"; using {B} after an OOM" if shrink < 1 else ""))
     if dev == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -595,7 +596,7 @@ def throughput_run(
         cache.set_positions([P] * B)
         token = torch.cat(logits).argmax(-1)
         token = token.repeat(B // token.shape[0] + 1)[:B]
-        step = DecodeStep(model, cache, cuda_graph=dev == "cuda", streams=min(streams, B))
+        step = DecodeStep(model, cache, cuda_graph=dev == "cuda", streams=streams)
 
         def decode(n: int) -> float:
             nonlocal token
@@ -632,13 +633,13 @@ def throughput_run(
     ref = REF_TOKENS_S.get(name)
     result = dict(batch=B, tokens_per_s=tokens_s, decode_s=decode_s, decode_method=method, segments=segments)
     result.update(ms_per_step_first=step_s * 1e3, setup_s=setup_s, peak_bytes=peak, shrink=shrink)
-    result.update(streams=min(streams, B))
+    result.update(streams=streams)
     result.update(prefill_rows=rows, prefill_s_rows=prefill_s, prefill_tokens_per_s=rows * P / prefill_s)
     result.update(prefill_s_whole_batch=prefill_all_s, prefill_whole_batch_measured=full_prefill)
     result.update(prefill_peak_bytes=prefill_peak, prefill_estimate_bytes=plan.prefill_bytes)
     run.record("throughput", name, status="ok", plan=plan.as_dict(), ref_tokens_per_s=ref, **result)
     text = f"{tokens_s:9,.0f} tok/s  batch {B}  {decode_s:5.1f} s ({method.split(':')[0]})"
-    text += f" on {min(streams, B)} streams" if streams > 1 else ""
+    text += f" on {streams} streams" if streams > 1 else ""
     text += f"; prefill {rows * P / prefill_s:,.0f} tok/s" + (
         f"; peak {peak / 2**30:.0f} GiB" if peak else ""
     )
