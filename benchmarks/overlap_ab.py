@@ -29,7 +29,6 @@ import torch
 import torch.nn.functional as F
 
 from ratlm.bench import decode as bench
-from ratlm.cache import move_to
 from ratlm.config import preset
 from ratlm.model import make_mixer
 from ratlm.ops.rat.decode import rat_decode
@@ -51,9 +50,6 @@ class Half:
         self.v, self.g, self.z = (torch.randn(rows, H, d, device=device, dtype=dt) for _ in range(3))
         self.bias = torch.zeros(H * d, device=device)
 
-    def reset(self) -> None:
-        move_to(self.state, self.position)
-
     def step(self) -> None:
         """RAT's one-token step over the chunk summaries (the memory-bound piece)."""
         rat_decode(self.q, self.k, self.v, self.g, self.bias, self.z, self.state, self.L)
@@ -67,21 +63,12 @@ class Half:
 
 
 def graph_ms(body, halves, layers: int, cuda: bool, reps: int = 5) -> float:
-    """ms per layer of body(), captured once in a CUDA graph (every replay resets the caches' positions)."""
-
-    def once():
-        for h in halves:
-            h.reset()
-        body()
-
-    if not cuda:
-        return bench.timed(once) * 1e3 / layers
-    bench.warm_up(once)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        once()
-    graph.replay()
-    times = sorted(bench.timed(graph.replay) for _ in range(reps))
+    """ms per layer of body(), replayed from one CUDA graph that first puts the caches back at their
+    position (`ratlm.bench.decode.repeated`)."""
+    bench.warm_up(body)
+    states = [h.state for h in halves]
+    run = bench.repeated(body, states, 1, cuda, at=halves[0].position)
+    times = sorted(bench.timed(run) for _ in range(reps))
     return times[reps // 2] * 1e3 / layers
 
 
