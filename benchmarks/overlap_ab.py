@@ -13,6 +13,12 @@ layer's worth of work before anyone builds it:
 Per layer, ms for each, the pieces apart, and the ratio. Random bf16 weights and caches at `--position`
 tokens (4096-token capacity); every replay starts from that position. JSON in $OUT/overlap_ab.json.
 
+Two streams cannot overlap much when the first kernel's programs fill every multiprocessor: the hardware hands
+out one kernel's programs before the next one's. `--green 66,88,110` partitions the multiprocessors
+instead (CUDA green contexts, `torch.cuda.green_contexts`): for each S, the step alone on S of them, the
+products alone on the others, and both at once, the steps on the S and the products on the rest (eager
+launches timed with events: the upper bound of a pipeline that hands each kind of work its own share).
+
     PYTHONPATH=src python benchmarks/overlap_ab.py                     # about a minute on one H200
     PYTHONPATH=src python benchmarks/overlap_ab.py --tiny              # toy sizes on the CPU: a smoke test
 """
@@ -29,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ratlm.bench import decode as bench
+from ratlm.cache import move_to
 from ratlm.config import preset
 from ratlm.model import make_mixer
 from ratlm.ops.rat.decode import rat_decode
@@ -87,6 +94,41 @@ def one_batch(whole: Half, n: int, cuda: bool) -> dict:
     )
 
 
+def green_case(whole: Half, n: int, sms: int, reps: int = 5) -> dict:
+    """ms per layer: the step alone on `sms` multiprocessors, the products alone on the rest, and both at once
+    (each on its own green context's stream, eager)."""
+    total = torch.cuda.get_device_properties(0).multi_processor_count
+    ctx_step = torch.cuda.green_contexts.GreenContext.create(num_sms=sms, device_id=0)
+    ctx_prod = torch.cuda.green_contexts.GreenContext.create(num_sms=total - sms, device_id=0)
+    s_step, s_prod = ctx_step.Stream(), ctx_prod.Stream()
+
+    def on(streams_work):
+        def run():
+            main = torch.cuda.current_stream()
+            move_to(whole.state, whole.position)
+            for stream, work in streams_work:
+                stream.wait_stream(main)
+                with torch.cuda.stream(stream):
+                    for _ in range(n):
+                        work()
+            for stream, _ in streams_work:
+                main.wait_stream(stream)
+
+        run()
+        times = sorted(bench.timed(run) for _ in range(reps))
+        return times[reps // 2] * 1e3 / n
+
+    return dict(
+        sms_step=sms,
+        sms_products=total - sms,
+        step_ms=on([(s_step, whole.step)]),
+        products_ms=on([(s_prod, whole.products)]),
+        both_ms=on([(s_step, whole.step), (s_prod, whole.products)]),
+        full_step_ms=on([(torch.cuda.current_stream(), whole.step)]),
+        full_products_ms=on([(torch.cuda.current_stream(), whole.products)]),
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
@@ -97,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--layers", type=int, default=8, help="layers' worth of work per graph")
     p.add_argument("--tiny", action="store_true", help="toy sizes on the CPU")
+    p.add_argument(
+        "--green", default="", help="multiprocessor counts for the steps' green context, e.g. 66,88,110"
+    )
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.tiny
     device = "cuda" if cuda else "cpu"
@@ -134,6 +179,16 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.current_stream().wait_stream(side)
 
         out["two_streams_ms"] = graph_ms(two_streams, [a, b], n, cuda)
+        if args.green and cuda:
+            whole = Half(cfg, args.batch, args.position, capacity, weights, device)
+            out["green"] = []
+            for sms in (int(s) for s in args.green.split(",")):
+                try:
+                    row = green_case(whole, n, sms)
+                except (RuntimeError, TypeError, AttributeError) as e:  # no green contexts in this build
+                    row = dict(sms_step=sms, error=f"{type(e).__name__}: {e}")
+                print("green", json.dumps(row))
+                out["green"].append(row)
     out["gain"] = out["one_stream_ms"] / out["two_streams_ms"]
     out["sum_of_pieces_ms"] = out["whole_step_ms"] + out["whole_products_ms"]
     for key, value in out.items():
