@@ -94,39 +94,87 @@ def one_batch(whole: Half, n: int, cuda: bool) -> dict:
     )
 
 
+def green_context(sms: int):
+    """(a green context of `sms` multiprocessors, whether it has a work queue of its own): torch >= 2.13
+    offers the work-queue option; without it every context's streams share the device's queues."""
+    make = torch.cuda.green_contexts.GreenContext.create
+    try:
+        return make(num_sms=sms, device_id=0, workqueue_scope="balanced"), True
+    except TypeError:  # an older torch: no work-queue options
+        return make(num_sms=sms, device_id=0), False
+
+
+def interleaved(streams_work, n: int):
+    """A callable that issues n rounds of (stream, work) pairs, round by round, each stream after the
+    current one's earlier work and the current stream after all of them."""
+
+    def run():
+        main = torch.cuda.current_stream()
+        for stream, _ in streams_work:
+            stream.wait_stream(main)
+        for _ in range(n):
+            for stream, work in streams_work:
+                with torch.cuda.stream(stream):
+                    work()
+        for stream, _ in streams_work:
+            main.wait_stream(stream)
+
+    return run
+
+
+def concurrency(streams) -> float:
+    """Whether kernels on these streams run at once: the time of one spinning one-thread kernel per stream,
+    over the time of one (1.0: all at once, len(streams): one after the other)."""
+
+    def spin():
+        torch.cuda._sleep(20_000_000)
+
+    def on(group):
+        return interleaved([(stream, spin) for stream in group], 1)
+
+    on(streams)()
+    return bench.timed(on(streams)) / bench.timed(on(streams[:1]))
+
+
 def green_case(whole: Half, n: int, sms: int, reps: int = 5) -> dict:
     """ms per layer: the step alone on `sms` multiprocessors, the products alone on the rest, and both at once
-    (each on its own green context's stream, eager)."""
+    (each on its own green context's stream; eager, and where capture works, one CUDA graph)."""
     total = torch.cuda.get_device_properties(0).multi_processor_count
-    ctx_step = torch.cuda.green_contexts.GreenContext.create(num_sms=sms, device_id=0)
-    ctx_prod = torch.cuda.green_contexts.GreenContext.create(num_sms=total - sms, device_id=0)
+    (ctx_step, own_queue), (ctx_prod, _) = green_context(sms), green_context(total - sms)
     s_step, s_prod = ctx_step.Stream(), ctx_prod.Stream()
+    main = torch.cuda.current_stream()
 
-    def on(streams_work):
-        def run():
-            main = torch.cuda.current_stream()
-            move_to(whole.state, whole.position)
-            for stream, work in streams_work:
-                stream.wait_stream(main)
-                with torch.cuda.stream(stream):
-                    for _ in range(n):
-                        work()
-            for stream, _ in streams_work:
-                main.wait_stream(stream)
-
+    def ms(run) -> float:
+        move_to(whole.state, whole.position)
         run()
-        times = sorted(bench.timed(run) for _ in range(reps))
-        return times[reps // 2] * 1e3 / n
+        times = []
+        for _ in range(reps):
+            move_to(whole.state, whole.position)
+            times.append(bench.timed(run))
+        return sorted(times)[reps // 2] * 1e3 / n
 
-    return dict(
+    both = [(s_step, whole.step), (s_prod, whole.products)]
+    row = dict(
         sms_step=sms,
         sms_products=total - sms,
-        step_ms=on([(s_step, whole.step)]),
-        products_ms=on([(s_prod, whole.products)]),
-        both_ms=on([(s_step, whole.step), (s_prod, whole.products)]),
-        full_step_ms=on([(torch.cuda.current_stream(), whole.step)]),
-        full_products_ms=on([(torch.cuda.current_stream(), whole.products)]),
+        own_work_queues=own_queue,
+        green_streams_concurrent=concurrency([s_step, s_prod]),
+        step_ms=ms(interleaved([(s_step, whole.step)], n)),
+        products_ms=ms(interleaved([(s_prod, whole.products)], n)),
+        both_ms=ms(interleaved(both, n)),
+        full_step_ms=ms(interleaved([(main, whole.step)], n)),
+        full_products_ms=ms(interleaved([(main, whole.products)], n)),
     )
+    try:  # the same in one CUDA graph: do the captured kernels keep their green contexts?
+        run = interleaved(both, n)
+        bench.warm_up(run)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            run()
+        row["both_graph_ms"] = ms(graph.replay)
+    except Exception as e:
+        row["both_graph_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.current_stream().wait_stream(side)
 
         out["two_streams_ms"] = graph_ms(two_streams, [a, b], n, cuda)
+        if cuda:  # 1.0 when two streams' kernels run at once (CUDA_DEVICE_MAX_CONNECTIONS=1 serialises)
+            out["streams_concurrent"] = concurrency([torch.cuda.current_stream(), side])
+            out["CUDA_DEVICE_MAX_CONNECTIONS"] = os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS")
         if args.green and cuda:
             whole = Half(cfg, args.batch, args.position, capacity, weights, device)
             out["green"] = []

@@ -7,9 +7,11 @@ stdout. Timings come from the profiler (one profiled call after two warm-up call
 overhead; `ratlm bench layer` gives the clean numbers. Each entry also has the call's wall time (median of 5
 CUDA-event timings, unprofiled) and the difference to the kernels' sum: time the GPU waits for the host.
 `--trace` writes a Chrome trace per configuration ($OUT/trace-<kind>-<T>-<mode>.json) to see where.
+Mode "fill" is the cached prefill of `ratlm bench layer --modes fill` (x and a fresh state put back before
+each call, outside the timing and the profile).
 
     PYTHONPATH=src python benchmarks/profile_layer.py [--lengths 4096,131072] [--kinds rat,attention]
-        [--modes train,prefill] [--trace]
+        [--modes train,prefill,fill] [--trace]
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from ratlm.bench.layer import (
     _config,
     _layer,
     by_kernel,
+    fill_step,
     idle_gaps,
     kernel_timeline,
     layer_step,
@@ -39,11 +42,19 @@ def profile_one(kind: str, T: int, mode: str, top: int, trace: Path | None = Non
     torch.manual_seed(0)
     layer = _layer(kind, _config(bench, 16, T), "cuda")
     x = torch.randn(B, T, bench.d_model, device="cuda", requires_grad=mode == "train")
-    step = layer_step(layer, x, torch.randn_like(x) if mode == "train" else None)
+    if mode == "fill":  # a cached prefill: setup() (untimed, unprofiled) puts x and the state back
+        step, setup = fill_step(layer, x)
+    else:
+        step, setup = layer_step(layer, x, torch.randn_like(x) if mode == "train" else None), None
     for _ in range(2):
+        if setup is not None:
+            setup()
         step()
     torch.cuda.synchronize()
-    wall, _ = time_ms(step, 0.0, cuda=True, min_reps=5, max_reps=5)
+    wall, _ = time_ms(step, 0.0, cuda=True, min_reps=5, max_reps=5, setup=setup)
+    if setup is not None:
+        setup()
+        torch.cuda.synchronize()
     timeline = kernel_timeline(step, trace)
     rows = by_kernel(timeline)
     total = sum(r["ms"] for r in rows)
