@@ -341,40 +341,49 @@ def test_unknown_scan_variant_is_refused(device, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "L, T, G, position, logits",
-    [(4, 14, 2, "rope", True), (4, 16, 2, "rope", False), (16, 9, 2, "nope", True), (32, 70, 1, "rope", True),
-     (5, 23, 4, "rope", False), (4, 4, 2, "rope", True)],
+    "L, T, G, position, logits, engine",
+    [(4, 14, 2, "rope", True, "torch"), (4, 16, 2, "rope", False, "torch"),
+     (16, 9, 2, "nope", True, "torch"), (32, 70, 1, "rope", True, "torch"),
+     (5, 23, 4, "rope", False, "triton"), (4, 4, 2, "rope", True, "torch"),
+     (4, 14, 2, "rope", True, "triton")],
 )  # fmt: skip
-def test_prefill_cache_by_scan_equals_the_pytorch_fill(device, scan_variant, L, T, G, position, logits):
-    """A fresh prefill on CUDA fills the cache with the scan kernel (chunks 0..C-2) and a short fp32 scan of
-    the last chunk: the same summaries, running states and positions as the PyTorch path."""
+def test_fresh_prefill_fills_the_cache_as_the_pytorch_path(
+    device, scan_variant, L, T, G, position, logits, engine
+):
+    """A fresh prefill on CUDA (`prefill_fresh`) takes its outputs from the GPU path, whose scan hands the
+    summaries of chunks 0..C-2 to the cache (the chunks-as-heads engine "torch" from its own scan, the
+    "triton" engine by a second one), and a short fp32 scan of the last chunk gives the running states: the
+    same outputs, summaries, running states and positions as the PyTorch path."""
     from ratlm.cache import RATState
-    from ratlm.ops.rat.cached import fill_cache_by_scan, rat_mix_cached
+    from ratlm.ops.rat.cached import prefill_fresh, rat_mix_cached
 
     torch.manual_seed(T + L)
     B, d = 2, 16
     q, k, v, g = (t.detach() for t in inputs(B, T, G, d, device))
     bias = torch.randn(H * d, device=device) if logits else None
     gate = torch.randn(B, T, H, d, device=device) if logits else g
+    z = torch.randn(B, T, H, d, device=device)
 
-    def empty():
-        C = -(-T // L) + 1
+    def empty(C=-(-T // L) + 1):
         zeros = [torch.zeros(B, H, *shape, device=device) for shape in ((C, d), (C, d), (d,), (d,))]
         return RATState(*zeros)
 
     ours, ref = empty(), empty()
-    fill_cache_by_scan(k, v, gate, ours, L, position, gate_bias=bias)
+    gates = dict(gate_bias=bias, out_gate=z)
+    y = prefill_fresh(q, k, v, gate, ours, L, position, **gates, engine=engine)
     with backend.use_backend("torch"):
-        rat_mix_cached(q, k, v, gate, ref, L, position, gate_bias=bias)
+        y_ref = rat_mix_cached(q, k, v, gate, ref, L, position, **gates)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
     for name in ("keys", "values", "k_run", "v_run"):
         torch.testing.assert_close(getattr(ours, name), getattr(ref, name), rtol=1e-5, atol=1e-5, msg=name)
     assert ours.seen == ref.seen == T and torch.equal(ours.pos, ref.pos)
     with pytest.raises(ValueError, match="empty state"):  # filled already
-        fill_cache_by_scan(k, v, gate, ours, L, position, gate_bias=bias)
-    short = RATState(*(torch.zeros(B, H, *shape, device=device) for shape in ((0, d), (0, d), (d,), (d,))))
-    if T >= L:  # a cache without room for the summaries: refused, never overrun
+        prefill_fresh(q, k, v, gate, ours, L, position, **gates, engine=engine)
+    if T >= L:  # a cache without room for the summaries: refused before anything runs, never overrun
+        short = empty(T // L - 1)
         with pytest.raises(ValueError, match="room for"):
-            fill_cache_by_scan(k, v, gate, short, L, position, gate_bias=bias)
+            prefill_fresh(q, k, v, gate, short, L, position, **gates, engine=engine)
+        assert short.seen == 0 and not short.keys.any()
 
 
 def test_pinned_scan_tiles_are_checked(monkeypatch):

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from ...cache import RATState, move_to
-from ..backend import fallback, fast_path_wanted
+from ..backend import fast_path_wanted
 from ..rope import apply_rope, rope_cos_sin
 from .gates import forget_gate, output_gate
 from .masked import chunk_attention_masked, scan_states
@@ -31,24 +31,19 @@ def rat_mix_cached(
     The scan starts from the running state of the current chunk; chunks completed by the new tokens
     write their summaries (keys after RoPE at their chunk index, values) into their cache slots, and
     every query attends to the summaries of all its earlier chunks plus its own running state.
-    A prefill into an empty state on CUDA takes its outputs from `rat_mix`, whose fast kernels need no cache,
-    and fills the cache with `fill_cache_by_scan`.
+    A prefill into an empty state on CUDA takes the GPU path (`prefill_fresh`).
     """
-    from . import rat_mix, rat_mix_check  # the package's dispatcher, which imports this module
+    from . import rat_mix_check  # the package's checks (the package imports this module)
 
     rat_mix_check(q, k, v, g, chunk_size, position, gate_bias, out_gate)
     B, T, H, d = v.shape
     L, n0 = chunk_size, state.seen
     scale = d**-0.5 if scale is None else scale
     if n0 == 0 and fast_path_wanted(q, k, v, g):
-        from .gpu import unsupported_reason
-
-        reason = unsupported_reason(q, k, v, g, L, gate_bias, out_gate)
-        if reason is None:
-            # a fresh prefill: the outputs from the full-sequence op, the cache from the scan kernel
-            fill_cache_by_scan(k, v, g, state, L, position, rope_base, gate_bias=gate_bias)
-            return rat_mix(q, k, v, g, L, position, rope_base, scale, gate_bias=gate_bias, out_gate=out_gate)
-        fallback("rat_mix_cached", reason, costly=True)
+        gates = dict(gate_bias=gate_bias, out_gate=out_gate)
+        y = prefill_fresh(q, k, v, g, state, L, position, rope_base, scale, **gates)
+        if y is not None:
+            return y
     gate = forget_gate(g, gate_bias)
     vs, ks = scan_states(v, k, gate, L, offset=n0, initial=(state.v_run, state.k_run))  # [B, T, H, d] fp32
     state.v_run.copy_(vs[:, -1])
@@ -72,7 +67,8 @@ def rat_mix_cached(
 
 
 @torch.compiler.disable  # kernel launches writing into the cache: host logic, as rat_mix_gpu_or_none
-def fill_cache_by_scan(
+def prefill_fresh(
+    q: Tensor,
     k: Tensor,
     v: Tensor,
     g: Tensor,
@@ -80,48 +76,55 @@ def fill_cache_by_scan(
     chunk_size: int,
     position: str = "rope",
     rope_base: float = 10000.0,
+    scale: float | None = None,
     *,
     gate_bias: Tensor | None = None,
-) -> None:
-    """Fill an empty `state` with the T tokens of k [B, T, G, d], v and g [B, T, H, d] (the gate, or its
-    logits with gate_bias): what `rat_mix_cached` leaves in it, without its fp32 scan of the whole prompt.
+    out_gate: Tensor | None = None,
+    engine: str | None = None,
+) -> Tensor | None:
+    """`rat_mix_cached` into an empty state through the GPU kernels; None where they cannot run (the reason
+    is logged) and nothing was written.
 
-    The Triton scan kernel (as `rat_mix` runs it) writes the summaries of chunks 0 .. C-2 straight into
-    the cache slots; the last chunk, complete or not, is scanned in fp32 by PyTorch (at most L tokens) for
-    the running states and, when complete, its summary.
+    The outputs come from the full-sequence path (`rat_mix_gpu_or_none`, or `rat_mix_triton` with the
+    `engine` given), whose scan kernel hands over the summaries of chunks 0 .. C-2: they are copied into the
+    cache slots (rounded to the activation dtype first, as the general path and the decode kernels round
+    them). The last chunk, complete or not, is scanned in fp32 by PyTorch (at most L tokens) for the running
+    states and, when complete, its summary. One scan of the prompt, not two.
     """
-    from ..scan.kernel import unit_last_stride
-    from .scan_kernels import rat_scan_fwd, rope_tables
+    from .gpu import rat_mix_gpu_or_none, rat_mix_triton
 
-    k, v, g = (unit_last_stride(t) for t in (k, v, g))  # the kernels need a unit stride along the head vector
-    bias = None if gate_bias is None else gate_bias.reshape(-1).contiguous()
-    B, T, H, d = v.shape
-    L = chunk_size
-    C = -(-T // L)
-    rope = position == "rope"
+    T, L = v.shape[1], chunk_size
     slots = state.keys.shape[2]
-    if state.seen != 0 or slots < T // L:  # the kernel writes by strides: a short cache would be overrun
+    if state.seen != 0 or slots < T // L:
         raise ValueError(
-            f"fill_cache_by_scan needs an empty state with room for {T // L} chunk summaries; it has seen "
+            f"prefill_fresh needs an empty state with room for {T // L} chunk summaries; it has seen "
             f"{state.seen} tokens and holds {slots} slots"
         )
-    if state.keys.shape != state.values.shape or state.keys.stride(-1) != 1 or state.values.stride(-1) != 1:
-        raise ValueError("the state's keys and values must be [B, H, C, d] with a unit stride along d")
-    if C > 1:
-        cos, sin = rope_tables(C, d, rope_base, v.device) if rope else (None, None)
-        vs, ks = (torch.empty(B, T, H, d, device=v.device, dtype=v.dtype) for _ in range(2))  # not kept
-        summaries = (state.values[:, :, :C], state.keys[:, :, :C], "bhcd")  # views of the cache slots
-        rat_scan_fwd(k, k, v, g, L, rope, cos, sin, None, "bthd", vs, ks, "bthd", *summaries, bias)
-    t0 = (C - 1) * L
+
+    def into_cache(vsum: Tensor, ksum: Tensor) -> None:  # [B, C, H, d]: rows 0 .. C-2 are summaries
+        n = ksum.shape[1] - 1
+        state.values[:, :, :n] = vsum[:, :n].transpose(1, 2)
+        state.keys[:, :, :n] = ksum[:, :n].transpose(1, 2)
+
+    args = (q, k, v, g, L, position, rope_base, scale)
+    gates = dict(gate_bias=gate_bias, out_gate=out_gate, summaries=into_cache)
+    if engine is None:
+        y = rat_mix_gpu_or_none(*args, **gates)
+    else:
+        y = rat_mix_triton(*args, **gates, engine=engine)
+    if y is None:
+        return None
+    t0 = (T - 1) // L * L  # the last chunk's first token
     tail = slice(t0, T)
     vs, ks = scan_states(v[:, tail], k[:, tail], forget_gate(g[:, tail], gate_bias), L, offset=t0)
     state.v_run.copy_(vs[:, -1])
     state.k_run.copy_(ks[:, -1])
     if T - t0 == L:  # the last chunk is complete: its summary too
-        last = torch.arange(C - 1, C, device=v.device)  # (built on the device: no host copy, no sync)
+        last = torch.arange(t0 // L, t0 // L + 1, device=v.device)  # (built on the device: no host sync)
         k_end, v_end = (s[:, -1:].to(v.dtype).transpose(1, 2) for s in (ks, vs))
         _store_summaries(state, k_end, v_end, last, position, rope_base)
     move_to(state, T)
+    return y
 
 
 def _store_summaries(

@@ -3,13 +3,16 @@
 Forward: one scan kernel writes the value and key states (keys rotated at the chunk index), the queries
 rotated and tiled to heads as chunks-as-heads queries [B, C, H, L, d], and the chunk summaries; the engine
 (cuDNN, or the PyTorch reference engine) attends over the summaries; a merge kernel folds in the own
-state and overwrites the engine's output and log-sum-exp with the merged ones.
+state and overwrites the engine's output and log-sum-exp with the merged ones. A cached prefill asks for
+the chunk summaries too (`summaries`): the scan's own [B, C, H, d] buffers are handed over, no second scan.
 Backward: one kernel computes the own key's gradients and lays dy out as the engine's queries; the engine's
 backward, given the merged output and log-sum-exp, returns exact summary-part gradients; the scan's
 backward kernel adds everything up, runs the reverse recurrence and sums heads back to key groups.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import triton
@@ -23,7 +26,7 @@ from .scan_kernels import rat_scan_bwd, rat_scan_fwd, rope_tables
 
 class RatChunkHeadsFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, g, gate_bias, z, L, rope, rope_base, scale, engine):
+    def forward(ctx, q, k, v, g, gate_bias, z, L, rope, rope_base, scale, engine, summaries):
         B, T, H, d = v.shape
         C = triton.cdiv(T, L)
         dev, dt = v.device, v.dtype
@@ -33,6 +36,8 @@ class RatChunkHeadsFunction(torch.autograd.Function):
         vsum, ksum = (torch.empty(B, C, H, d, device=dev, dtype=dt) for _ in range(2))
         states = (vs, ks, "bthd", vsum, ksum, "bchd")
         rat_scan_fwd(q, k, v, g, L, rope, cos, sin, qo, "bchld", *states, gate_bias)
+        if summaries is not None:
+            summaries(vsum, ksum)
         y = torch.empty(B, T, H, d, device=dev, dtype=dt)
         o = lse = state = qp = kp = vp = None
         if C > 1:
@@ -81,7 +86,7 @@ class RatChunkHeadsFunction(torch.autograd.Function):
             k, v, g, L, rope, cos, sin, dqa, "bthd", dqb, "heads", dvs, dks, "bthd",
             dvp, dkp, "bhcd", C - 1, q_dtype, gate_bias, outs,
         )  # fmt: skip
-        return dq, dk, dv, dg, dbias, dz, None, None, None, None, None
+        return dq, dk, dv, dg, dbias, dz, None, None, None, None, None, None
 
 
 def rat_mix_chunk_heads(
@@ -96,8 +101,27 @@ def rat_mix_chunk_heads(
     engine,
     gate_bias: Tensor | None = None,
     z: Tensor | None = None,
+    summaries: Callable[[Tensor, Tensor], None] | None = None,
 ) -> Tensor:
     """RAT's core with the chunks-as-heads engine given (inputs validated by the caller). [B, T, H, d].
     With gate_bias, g holds the forget gates' logits; with z the result is gated by sigmoid(z) in the merge
-    kernel (see `rat_mix`)."""
-    return RatChunkHeadsFunction.apply(q, k, v, g, gate_bias, z, chunk_size, rope, rope_base, scale, engine)
+    kernel (see `rat_mix`). summaries(vsum, ksum), when given, is called with the scan's summary
+    buffers, [B, C, H, d] in v's dtype, valid only during the call: rows 0 .. C-2 hold the summaries of
+    those chunks (keys rotated at their chunk index); the last chunk's row is not written."""
+    args = (chunk_size, rope, rope_base, scale, engine, summaries)
+    return RatChunkHeadsFunction.apply(q, k, v, g, gate_bias, z, *args)
+
+
+def scan_summaries(
+    k: Tensor, v: Tensor, g: Tensor, chunk_size: int, rope: bool, rope_base: float, gate_bias=None
+) -> tuple[Tensor, Tensor]:
+    """(vsum, ksum) [B, C, H, d] as `rat_mix_chunk_heads` hands them to `summaries`, by a scan of their
+    own: for the engines whose kernels keep the summaries to themselves."""
+    B, T, H, d = v.shape
+    C = triton.cdiv(T, chunk_size)
+    cos, sin = rope_tables(C, d, rope_base, v.device) if rope else (None, None)
+    vs, ks = (torch.empty(B, T, H, d, device=v.device, dtype=v.dtype) for _ in range(2))  # not kept
+    vsum, ksum = (torch.empty(B, C, H, d, device=v.device, dtype=v.dtype) for _ in range(2))
+    rat_scan_fwd(k, k, v, g, chunk_size, rope, cos, sin, None, "bthd", vs, ks, "bthd", vsum, ksum, "bchd",
+                 gate_bias)  # fmt: skip
+    return vsum, ksum

@@ -11,6 +11,8 @@ Engines for the attention over chunk summaries (all share the Triton scan kernel
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -80,6 +82,7 @@ def rat_mix_triton(
     gate_bias: Tensor | None = None,
     out_gate: Tensor | None = None,
     engine: str = "auto",
+    summaries: Callable[[Tensor, Tensor], None] | None = None,
 ) -> Tensor:
     """`ratlm.ops.rat_mix` with the Triton scan kernels and the given attention engine (see ENGINES).
 
@@ -88,6 +91,10 @@ def rat_mix_triton(
     chunks-as-heads engines ("cudnn", "torch") apply out_gate in their merge kernel, the others after it.
     Runs on CUDA, or on CPU under TRITON_INTERPRET=1 (engines "torch" and "triton"; "flex" forward only).
     Raises ValueError for inputs or engines that cannot run.
+
+    summaries(vsum, ksum), for a cached prefill, is called with the chunk summaries as
+    `rat_mix_chunk_heads` hands them over: from the chunks-as-heads engines' own scan, from a scan of their
+    own for the others.
     """
     from ..scan.kernel import unit_last_stride
     from . import rat_mix_check
@@ -124,12 +131,17 @@ def rat_mix_triton(
             from .fused import rat_mix_chunk_heads
 
             try:
-                y = rat_mix_chunk_heads(q, k, v, g, chunk_size, rope, rope_base, scale, obj, bias, z)
+                args = (chunk_size, rope, rope_base, scale, obj, bias, z, summaries)
+                y = rat_mix_chunk_heads(q, k, v, g, *args)
             except RuntimeError as e:  # e.g. cuDNN finding no plan for a size its probe did not cover
                 if engine != "auto":
                     raise
                 fallback(f"rat_mix engine {name}", f"{type(e).__name__}: {e}")
                 continue
+        if summaries is not None and kind != "heads":  # these engines' kernels keep theirs to themselves
+            from .fused import scan_summaries
+
+            summaries(*scan_summaries(k, v, g, chunk_size, rope, rope_base, bias))
         last_engine = name
         return y
     raise ValueError(f"rat_mix_triton: engine {engine!r} cannot run on these inputs")
@@ -138,15 +150,16 @@ def rat_mix_triton(
 # a model under torch.compile runs this eagerly: kernel choice, probes and caches are host logic
 @torch.compiler.disable
 def rat_mix_gpu_or_none(
-    q, k, v, g, chunk_size, position, rope_base, scale, *, gate_bias=None, out_gate=None
+    q, k, v, g, chunk_size, position, rope_base, scale, *, gate_bias=None, out_gate=None, summaries=None
 ) -> Tensor | None:  # fmt: skip
-    """The GPU path when the backend and the inputs allow it, else None (the reason is logged)."""
+    """The GPU path when the backend and the inputs allow it, else None (the reason is logged);
+    `summaries` as for `rat_mix_triton`."""
     reason = unsupported_reason(q, k, v, g, chunk_size, gate_bias, out_gate)
     if reason is not None:
         fallback("rat_mix", reason, costly=v.shape[1] > 0, stacklevel=5)  # past torch.compiler.disable
         return None
     backend = get_backend()
-    gates = dict(gate_bias=gate_bias, out_gate=out_gate)
+    gates = dict(gate_bias=gate_bias, out_gate=out_gate, summaries=summaries)
     for engine in dict.fromkeys((backend if backend in ENGINES else "auto", "auto")):
         try:
             return rat_mix_triton(q, k, v, g, chunk_size, position, rope_base, scale, **gates, engine=engine)
