@@ -99,3 +99,47 @@ def test_rat_mix_dispatches_to_the_gpu_and_the_switch_forces_pytorch(monkeypatch
         slow = rat_mix(*leaves, 16)
     assert calls == ["auto"]
     torch.testing.assert_close(fast, slow, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("engine", ["cudnn", "triton"])
+@pytest.mark.parametrize("L, T, G, d", [(16, 1000, 2, 128), (16, 4096, 2, 128), (7, 333, 4, 64)])
+def test_inference_bf16_within_twice_plain_pytorch_and_fills_the_cache(engine, L, T, G, d):
+    """Without gradients (cudnn: the scan writes the own scores, the merge reads them) the mixer's call is
+    within twice plain PyTorch's error, and a cached prefill through it leaves the PyTorch path's cache."""
+    from ratlm.cache import RATState
+    from ratlm.ops.rat.cached import prefill_fresh, rat_mix_cached
+
+    torch.manual_seed(T)
+    q, k, v, _ = (t.detach() for t in inputs(2, T, G, d, torch.bfloat16))
+    logits = (2 * torch.randn(2, T, H, d, device="cuda")).bfloat16()
+    bias = torch.rand(H * d, device="cuda").mul(15).log1p()
+    z = torch.randn(2, T, H, d, device="cuda").bfloat16()
+    xs = [q, k, v, logits, bias, z]
+    with torch.no_grad():
+        ref = rat_mix_masked(*[t.double() for t in xs[:4]], L, gate_bias=bias.double(), out_gate=z.double())
+        ours = gpu.rat_mix_triton(*xs[:4], L, gate_bias=bias, out_gate=z, engine=engine)
+        plain = rat_mix_masked(*xs[:4], L, gate_bias=bias, out_gate=z)
+    assert gpu.last_engine == engine
+    e, e_plain = ((y.double() - ref).abs().max().item() for y in (ours, plain))
+    assert e <= 2 * e_plain + 1e-6, (e, e_plain)
+
+    def empty():
+        C = T // L + 1
+        return RATState(
+            *(torch.zeros(2, H, *s, device="cuda", dtype=torch.bfloat16) for s in ((C, d), (C, d))),
+            *(torch.zeros(2, H, d, device="cuda") for _ in range(2)),
+        )
+
+    fast, slow = empty(), empty()
+    with torch.no_grad():
+        y_fast = prefill_fresh(*xs[:4], fast, L, gate_bias=bias, out_gate=z, engine=engine)
+        with backend.use_backend("torch"):
+            y_slow = rat_mix_cached(*xs[:4], slow, L, gate_bias=bias, out_gate=z)
+    torch.testing.assert_close(y_fast, ours, rtol=0, atol=0)  # the same kernels, the same bits
+    for name in ("keys", "values"):  # bf16 summaries: the same fp32 states, each rounded once
+        a, b = getattr(fast, name).float(), getattr(slow, name).float()
+        assert (a - b).abs().max() <= 2**-7 * b.abs().max(), name
+    for name in ("k_run", "v_run"):
+        torch.testing.assert_close(getattr(fast, name), getattr(slow, name), rtol=1e-5, atol=1e-5)
+    assert fast.seen == slow.seen == T
+    assert (y_slow.double() - ref).abs().max().item() <= 2 * e_plain + 1e-6

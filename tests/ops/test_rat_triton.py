@@ -386,6 +386,33 @@ def test_fresh_prefill_fills_the_cache_as_the_pytorch_path(
         assert short.seen == 0 and not short.keys.any()
 
 
+@pytest.mark.parametrize(
+    "L, T, dtype", [(4, 14, torch.float32), (16, 37, torch.float32), (4, 9, torch.bfloat16)]
+)
+def test_forward_without_gradients_takes_the_own_scores_and_agrees(device, L, T, dtype, monkeypatch):
+    """Without gradients the chunks-as-heads path has the scan write each token's own score and the merge
+    read it (no key states): the same outputs as the forward that keeps everything for a backward."""
+    torch.manual_seed(T)
+    leaves = gated_inputs(2, T, 2, 16, device, dtype)
+    taken = []
+    real = fused.merge_fwd
+    monkeypatch.setattr(fused, "merge_fwd", lambda *a, **kw: taken.append(kw["own"]) or real(*a, **kw))
+    y_train = call_gated(gpu.rat_mix_triton, leaves, L, engine="torch")
+    with torch.no_grad():
+        y_infer = call_gated(gpu.rat_mix_triton, leaves, L, engine="torch")
+    assert taken[0] is None and taken[1] is not None and taken[1].shape == (2, T, H)
+    assert not y_infer.requires_grad
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the score summed in two halves, then rounded
+    torch.testing.assert_close(y_infer, y_train.detach(), rtol=tol, atol=tol)
+    with torch.no_grad():  # under the interpreter as on the GPU: refused without the queries written
+        q, k, v, logits, bias, _ = leaves
+        vs = torch.empty_like(v)
+        own = torch.empty(2, T, H, device=device)
+        with pytest.raises(ValueError, match="own scores need the queries"):
+            scan_kernels.rat_scan_fwd(q, k, v, logits, L, False, None, None, None, "bchld", vs, None, "bthd",
+                                      None, None, "bchd", bias, own=own)  # fmt: skip
+
+
 def test_pinned_scan_tiles_are_checked(monkeypatch):
     """A benchmark's pinned tile must split each half of the head vector into whole blocks."""
     from ratlm.ops.rat import scan_seq

@@ -3,8 +3,11 @@
 Forward: one scan kernel writes the value and key states (keys rotated at the chunk index), the queries
 rotated and tiled to heads as chunks-as-heads queries [B, C, H, L, d], and the chunk summaries; the engine
 (cuDNN, or the PyTorch reference engine) attends over the summaries; a merge kernel folds in the own
-state and overwrites the engine's output and log-sum-exp with the merged ones. A cached prefill asks for
-the chunk summaries too (`summaries`): the scan's own [B, C, H, d] buffers are handed over, no second scan.
+state and overwrites the engine's output and log-sum-exp with the merged ones.
+Without gradients (prefill) the scan writes each token's own score (scale q.k~, from the rounded query and
+key that the merge would read) instead of the key states, and the merge reads it: the key states are never
+written, and the merge reads neither them nor the queries. A cached prefill also takes the chunk summaries
+(`summaries`): the scan's own [B, C, H, d] buffers are handed over, no second scan.
 Backward: one kernel computes the own key's gradients and lays dy out as the engine's queries; the engine's
 backward, given the merged output and log-sum-exp, returns exact summary-part gradients; the scan's
 backward kernel adds everything up, runs the reverse recurrence and sums heads back to key groups.
@@ -21,21 +24,25 @@ from torch import Tensor
 from ..packed import packed_layout, packed_views
 from ..scan.kernel import unit_last_stride
 from .merge import merge_fwd, own_bwd
-from .scan_kernels import rat_scan_bwd, rat_scan_fwd, rope_tables
+from .scan_kernels import own_score_supported, rat_scan_bwd, rat_scan_fwd, rope_tables
 
 
 class RatChunkHeadsFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, g, gate_bias, z, L, rope, rope_base, scale, engine, summaries):
+    def forward(ctx, q, k, v, g, gate_bias, z, L, rope, rope_base, scale, engine, summaries, grads):
         B, T, H, d = v.shape
         C = triton.cdiv(T, L)
         dev, dt = v.device, v.dtype
         cos, sin = rope_tables(C, d, rope_base, dev) if rope else (None, None)
+        # without gradients (prefill) the scan writes each token's own score instead of its key state
+        inference = not grads and C > 1 and own_score_supported(L, C, d)
         qo = torch.empty(B, C, H, L, d, device=dev, dtype=dt)
-        vs, ks = (torch.empty(B, T, H, d, device=dev, dtype=dt) for _ in range(2))
+        vs = torch.empty(B, T, H, d, device=dev, dtype=dt)
+        ks = None if inference else torch.empty(B, T, H, d, device=dev, dtype=dt)
+        own = torch.empty(B, T, H, device=dev, dtype=torch.float32) if inference else None
         vsum, ksum = (torch.empty(B, C, H, d, device=dev, dtype=dt) for _ in range(2))
         states = (vs, ks, "bthd", vsum, ksum, "bchd")
-        rat_scan_fwd(q, k, v, g, L, rope, cos, sin, qo, "bchld", *states, gate_bias)
+        rat_scan_fwd(q, k, v, g, L, rope, cos, sin, qo, "bchld", *states, gate_bias, own=own, scale=scale)
         if summaries is not None:
             summaries(vsum, ksum)
         y = torch.empty(B, T, H, d, device=dev, dtype=dt)
@@ -46,7 +53,9 @@ class RatChunkHeadsFunction(torch.autograd.Function):
             vp = vsum[:, : C - 1].transpose(1, 2)
             o, lse, state = engine.forward(qp, kp, vp, scale)
         unit = getattr(engine, "unit", 1.0)
-        merge_fwd(qo, "bchld", vs, ks, "bthd", o, "heads", lse, "heads", unit, y, L, scale, z)
+        merge_fwd(qo, "bchld", vs, ks, "bthd", o, "heads", lse, "heads", unit, y, L, scale, z, own=own)
+        if inference:  # nothing to keep for a backward that cannot come
+            return y
         ctx.save_for_backward(k, v, g, gate_bias, z, qo, vs, ks, vsum, ksum, o, lse)
         ctx.args = (L, rope, rope_base, scale, engine, state, q.dtype)
         # q, k, v, g and z as slices of one projection's output: the gradients go into one such tensor
@@ -86,7 +95,7 @@ class RatChunkHeadsFunction(torch.autograd.Function):
             k, v, g, L, rope, cos, sin, dqa, "bthd", dqb, "heads", dvs, dks, "bthd",
             dvp, dkp, "bhcd", C - 1, q_dtype, gate_bias, outs,
         )  # fmt: skip
-        return dq, dk, dv, dg, dbias, dz, None, None, None, None, None, None
+        return dq, dk, dv, dg, dbias, dz, None, None, None, None, None, None, None
 
 
 def rat_mix_chunk_heads(
@@ -108,8 +117,9 @@ def rat_mix_chunk_heads(
     kernel (see `rat_mix`). summaries(vsum, ksum), when given, is called with the scan's summary
     buffers, [B, C, H, d] in v's dtype, valid only during the call: rows 0 .. C-2 hold the summaries of
     those chunks (keys rotated at their chunk index); the last chunk's row is not written."""
-    args = (chunk_size, rope, rope_base, scale, engine, summaries)
-    return RatChunkHeadsFunction.apply(q, k, v, g, gate_bias, z, *args)
+    leaves = (q, k, v, g, gate_bias, z)
+    grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in leaves)
+    return RatChunkHeadsFunction.apply(*leaves, chunk_size, rope, rope_base, scale, engine, summaries, grads)
 
 
 def scan_summaries(

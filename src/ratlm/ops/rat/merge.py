@@ -32,26 +32,33 @@ from .scan_kernels import token_block, token_ptrs, token_strides
 
 @triton.jit
 def _merge_fwd_kernel(
-    QO, KS, VS, OS, LSE, Z, Y, T, L, scale, unit,
+    QO, KS, VS, OS, LSE, Z, Y, OWN, T, L, scale, unit,
     so_b, so_c, so_l, so_h, so_off,
     ss_b, ss_c, ss_l, ss_h, ss_off,
     sa_b, sa_c, sa_l, sa_h, sa_off,
     sl_b, sl_c, sl_l, sl_h, sl_off,
     sz_b, sz_c, sz_l, sz_h, sz_off,
     sy_b, sy_c, sy_l, sy_h, sy_off,
+    sw_b, sw_c, sw_l, sw_h, sw_off,
     H: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, HAS_SUM: tl.constexpr, HAS_Z: tl.constexpr,
+    OWN_SCORE: tl.constexpr,
 ):  # fmt: skip
     b = (tl.program_id(1) // H).to(tl.int64)
     h = (tl.program_id(1) % H).to(tl.int64)  # head offsets of head-major buffers can pass 2**31
     tok, valid, c, l = token_block(T, L, BM)
     e = tl.arange(0, D)[None, :]
     m2 = valid[:, None]
-    q = tl.load(token_ptrs(QO, so_off, so_b, so_c, so_l, so_h, b, c, l, h)[:, None] + e, mask=m2, other=0.0)
-    k = tl.load(token_ptrs(KS, ss_off, ss_b, ss_c, ss_l, ss_h, b, c, l, h)[:, None] + e, mask=m2, other=0.0)
     v = tl.load(token_ptrs(VS, ss_off, ss_b, ss_c, ss_l, ss_h, b, c, l, h)[:, None] + e, mask=m2, other=0.0)
     v = v.to(tl.float32)
     if HAS_SUM:
-        s = tl.sum(q.to(tl.float32) * k.to(tl.float32), 1) * scale
+        if OWN_SCORE:  # written by the scan (inference): no query or key state to read
+            s = tl.load(token_ptrs(OWN, sw_off, sw_b, sw_c, sw_l, sw_h, b, c, l, h), mask=valid, other=0.0)
+        else:
+            p_q = token_ptrs(QO, so_off, so_b, so_c, so_l, so_h, b, c, l, h)[:, None] + e
+            p_k = token_ptrs(KS, ss_off, ss_b, ss_c, ss_l, ss_h, b, c, l, h)[:, None] + e
+            q = tl.load(p_q, mask=m2, other=0.0)
+            k = tl.load(p_k, mask=m2, other=0.0)
+            s = tl.sum(q.to(tl.float32) * k.to(tl.float32), 1) * scale
         has = valid & (c >= 1)
         p_lse = token_ptrs(LSE, sl_off, sl_b, sl_c, sl_l, sl_h, b, c, l, h)
         lse_s = tl.load(p_lse, mask=has, other=float("-inf")) * unit
@@ -143,22 +150,27 @@ def _rows(d: int) -> tuple[int, int]:
     return BM, 8 if BM * d >= 4096 else 4
 
 
-def merge_fwd(qo, qo_layout, vs, ks, s_layout, o, o_layout, lse, lse_layout, unit, y, L, scale, z=None):
+def merge_fwd(
+    qo, qo_layout, vs, ks, s_layout, o, o_layout, lse, lse_layout, unit, y, L, scale, z=None, own=None
+):  # fmt: skip
     """y (preallocated [B, T, H, d]) = own state merged with the summary attention (o, lse may be None),
-    times sigmoid(z) when z ([B, T, H, d], any strides with a unit last one) is given."""
+    times sigmoid(z) when z ([B, T, H, d], any strides with a unit last one) is given. With own ([B, T, H]
+    fp32, the scan's own scores) the scores are read from there, not computed from qo and ks (None)."""
     B, T, H, d = y.shape
     BM, warps = _rows(d)
     has_sum = o is not None
     zeros = (0,) * 5
     _merge_fwd_kernel[(triton.cdiv(T, BM), B * H)](
-        qo, ks, vs, o if has_sum else vs, lse if has_sum else vs, z if z is not None else vs, y,
+        qo, ks if ks is not None else vs, vs, o if has_sum else vs, lse if has_sum else vs,
+        z if z is not None else vs, y, own if own is not None else vs,
         T, L, scale, unit,
         *token_strides(qo, qo_layout, L), *token_strides(vs, s_layout, L),
         *(token_strides(o, o_layout, L) if has_sum else zeros),
         *(token_strides(lse, lse_layout, L) if has_sum else zeros),
         *(token_strides(z, "bthd", L) if z is not None else zeros),
         *token_strides(y, "bthd", L),
-        H=H, D=d, BM=BM, HAS_SUM=has_sum, HAS_Z=z is not None, num_warps=warps,
+        *(token_strides(own, "bthd", L) if own is not None else zeros),
+        H=H, D=d, BM=BM, HAS_SUM=has_sum, HAS_Z=z is not None, OWN_SCORE=own is not None, num_warps=warps,
     )  # fmt: skip
 
 

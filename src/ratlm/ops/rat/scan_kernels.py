@@ -324,19 +324,36 @@ def _use_seq(L: int) -> bool:
     return VARIANT != "scan" and L <= MAX_CHUNK
 
 
+def own_score_supported(L: int, C: int, d: int) -> bool:
+    """Whether `rat_scan_fwd` can write the own scores (`own`) for chunk size L, C chunks, head width d:
+    the sequential kernel with the whole head vector in one program."""
+    from .scan_seq import seq_tile
+
+    return _use_seq(L) and seq_tile(C, d, INTERPRET)[1] == d // 2
+
+
 def rat_scan_fwd(
-    q, k, v, g, L, rope, cos, sin, qo, qo_layout, vs, ks, s_layout, vsum, ksum, sum_layout, gate_bias=None
+    q, k, v, g, L, rope, cos, sin, qo, qo_layout, vs, ks, s_layout, vsum, ksum, sum_layout, gate_bias=None,
+    own=None, scale=1.0,
 ):  # fmt: skip
     """Launch the forward scan; outputs are preallocated (qo, vsum and ksum may be None).
 
     g holds the forget gates, or with gate_bias ([H * d]) their logits: the gate is sigmoid(g + gate_bias).
+    own ([B, T, H] fp32, for inference): instead of the key states ks (None then), each token's own score
+    scale * q.k~ as the merge computes it from the stored query and key (needs qo and
+    `own_score_supported`).
     """
     B, T, H, d = v.shape
     G = k.shape[2]
     C = triton.cdiv(T, L)
+    if own is not None and (qo is None or not own_score_supported(L, C, d)):
+        raise ValueError(f"own scores need the queries written and the sequential scan (L {L}, d {d})")
+    if own is None and ks is None:
+        raise ValueError("ks is needed unless the own scores are written")
     pointers = (
         q, k, v, g, gate_bias if gate_bias is not None else v, cos if rope else v, sin if rope else v,
-        qo if qo is not None else v, vs, ks, vsum if vsum is not None else v, ksum if ksum is not None else v,
+        qo if qo is not None else v, vs, ks if ks is not None else vs,
+        vsum if vsum is not None else v, ksum if ksum is not None else v,
     )  # fmt: skip
     strides = (
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -353,9 +370,11 @@ def rat_scan_fwd(
 
         NC, BD, warps = seq_tile(C, d, INTERPRET)
         grid = (triton.cdiv(C, NC), B * G, d // 2 // BD)
+        own_strides = token_strides(own, "bthd", L) if own is not None else (0,) * 5
         _rat_seq_fwd_kernel[grid](
-            *pointers, T, C, q_rows, *strides, L=L, NC=NC, BD=BD, num_warps=warps, **flags
-        )
+            *pointers, own if own is not None else v, T, C, q_rows, scale, *strides, *own_strides,
+            L=L, NC=NC, BD=BD, num_warps=warps, OWN_SCORE=own is not None, **flags,
+        )  # fmt: skip
     else:
         BT, M, BD = tile_shape(L, d, 2048)
         grid = (triton.cdiv(C, M), B * G, d // 2 // BD)

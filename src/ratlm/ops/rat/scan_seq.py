@@ -45,15 +45,16 @@ def _rot(x1, x2, cos, sin, ROPE: tl.constexpr, SIGN: tl.constexpr):
 
 @triton.jit
 def _rat_seq_fwd_kernel(
-    Q, K, V, G, BIAS, COS, SIN, QO, VS, KS, VSUM, KSUM,
-    T, C, q_rows,
+    Q, K, V, G, BIAS, COS, SIN, QO, VS, KS, VSUM, KSUM, OWN,
+    T, C, q_rows, scale,
     sq_b, sq_t, sq_g, sk_b, sk_t, sk_g, sv_b, sv_t, sv_h, sg_b, sg_t, sg_h,
     so_b, so_c, so_l, so_h, so_off,
     ss_b, ss_c, ss_l, ss_h, ss_off,
     su_b, su_c, su_h, su_off,
+    sw_b, sw_c, sw_l, sw_h, sw_off,
     L: tl.constexpr, H: tl.constexpr, NG: tl.constexpr, HALF: tl.constexpr, NC: tl.constexpr,
     BD: tl.constexpr, ROPE: tl.constexpr, WRITE_Q: tl.constexpr, WRITE_SUM: tl.constexpr,
-    LOGITS: tl.constexpr,
+    LOGITS: tl.constexpr, OWN_SCORE: tl.constexpr,
 ):  # fmt: skip
     b = (tl.program_id(1) // NG).to(tl.int64)
     grp = (tl.program_id(1) % NG).to(tl.int64)  # head offsets of head-major buffers can pass 2**31
@@ -100,8 +101,9 @@ def _rat_seq_fwd_kernel(
             row_s = ss_off + b * ss_b + c[:, None] * ss_c + l * ss_l + h * ss_h + col
             tl.store(VS + row_s, sv1, mask=m2)
             tl.store(VS + row_s + HALF, sv2, mask=m2)
-            tl.store(KS + row_s, sk1, mask=m2)
-            tl.store(KS + row_s + HALF, sk2, mask=m2)
+            if not OWN_SCORE:
+                tl.store(KS + row_s, sk1, mask=m2)
+                tl.store(KS + row_s + HALF, sk2, mask=m2)
             if WRITE_SUM & (l == L - 1):
                 row_u = su_off + b * su_b + c[:, None] * su_c + h * su_h + col
                 tl.store(VSUM + row_u, sv1, mask=is_sum)
@@ -110,10 +112,17 @@ def _rat_seq_fwd_kernel(
                 tl.store(KSUM + row_u + HALF, sk2, mask=is_sum)
             if WRITE_Q:  # rotated and tiled to heads; padding rows of a partial last chunk get zeros
                 q1, q2 = _rot(q1.to(tl.float32), q2.to(tl.float32), cos, sin, ROPE, 1.0)
+                q1 = round_to(q1, QO.dtype.element_ty)
+                q2 = round_to(q2, QO.dtype.element_ty)
                 m_q = ((tok < q_rows) & (c < C))[:, None]
                 row_o = so_off + b * so_b + c[:, None] * so_c + l * so_l + h * so_h + col
-                tl.store(QO + row_o, round_to(q1, QO.dtype.element_ty), mask=m_q)
-                tl.store(QO + row_o + HALF, round_to(q2, QO.dtype.element_ty), mask=m_q)
+                tl.store(QO + row_o, q1, mask=m_q)
+                tl.store(QO + row_o + HALF, q2, mask=m_q)
+                if OWN_SCORE:  # the merge's own score, from the stored (rounded) query and key; BD = HALF
+                    dot = tl.sum(q1.to(tl.float32) * sk1.to(tl.float32), 1)
+                    dot += tl.sum(q2.to(tl.float32) * sk2.to(tl.float32), 1)
+                    row_w = sw_off + b * sw_b + c * sw_c + l * sw_l + h * sw_h
+                    tl.store(OWN + row_w, dot * scale, mask=tok < T)
 
 
 @triton.jit
