@@ -183,19 +183,13 @@ class ModelCache:
         """
         if self.ragged:
             raise ValueError("rows() of a cache whose sequences stand at different positions")
-        return self.row_views(start, stop)
-
-    def row_views(self, start: int, stop: int) -> ModelCache:
-        """Like `rows`, also for a ragged cache (whose views are ragged too): for one-token decode steps,
-        which read each row's position on the device. The views' host counters are copies: a caller that
-        steps through them keeps them in line with this cache's (see `ratlm.generation.DecodeStep`)."""
         if not 0 <= start < stop <= self.batch_size:
             raise ValueError(f"rows {start}..{stop - 1} outside the batch of {self.batch_size}")
         views = []
         for s in self.layers:
             sliced = {name: getattr(s, name)[start:stop] for name in row_tensors(s)}
             views.append(replace(s, **sliced, pos=s.pos[start:stop]))
-        return ModelCache(layers=views, batch_size=stop - start, max_len=self.max_len, ragged=self.ragged)
+        return ModelCache(layers=views, batch_size=stop - start, max_len=self.max_len)
 
     def set_positions(self, positions: Sequence[int]) -> None:
         """Declare where each sequence stands after its rows were filled separately (see `rows`)."""

@@ -8,8 +8,6 @@ and `generate` ties them together. Memory planning (`plan_batch`) lives in `ratl
 
 from __future__ import annotations
 
-import contextlib
-import itertools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -17,7 +15,6 @@ from torch import Tensor
 
 from .cache import CacheOverflowError, ModelCache
 from .model import LanguageModel
-from .ops.backend import autocast_dtype
 from .ops.compiling import with_recompile_room
 
 
@@ -115,21 +112,10 @@ class DecodeStep:
     The logits returned after a replay live in a static buffer that the next call overwrites.
     compile=True runs the step through torch.compile first (fusing the small ops around the decode kernels;
     the first call then takes as long as the compilation).
-
-    streams=n (n > 1) splits the batch into n groups of rows, each stepped through its own view of the cache
-    on its own CUDA stream (in sequence elsewhere), so that one group's cache reads (memory-bound) may run
-    beside another's matrix products (compute-bound); logits are the same up to the products' rounding
-    (cuBLAS may pick other kernels for fewer rows). Whether it pays depends on the card and the batch: see
-    benchmarks/overlap_ab.py and `ratlm bench generate --streams`.
     """
 
     def __init__(
-        self,
-        model: LanguageModel,
-        cache: ModelCache,
-        cuda_graph: bool | None = None,
-        compile: bool = False,
-        streams: int = 1,
+        self, model: LanguageModel, cache: ModelCache, cuda_graph: bool | None = None, compile: bool = False
     ):
         device = model.embed.weight.device
         self.model, self.cache = model, cache
@@ -139,41 +125,10 @@ class DecodeStep:
         self.use_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
         if self.use_graph and device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device")
-        if not 1 <= streams <= cache.batch_size:
-            raise ValueError(f"streams must be from 1 to the batch size {cache.batch_size}, got {streams}")
-        bounds = [cache.batch_size * i // streams for i in range(streams + 1)] if streams > 1 else []
-        self.groups = [(slice(a, b), cache.row_views(a, b)) for a, b in itertools.pairwise(bounds)]
-        cuda = device.type == "cuda" and streams > 1
-        self.streams = [torch.cuda.Stream(device) for _ in self.groups] if cuda else None
         self.graph: torch.cuda.CUDAGraph | None = None
         self.warmed_up = False
         self.ids: Tensor | None = None
         self.logits: Tensor | None = None
-
-    def _run(self, ids: Tensor) -> Tensor:
-        """The step's logits: the whole batch, or each group of rows on its own stream."""
-        if not self.groups:
-            return self.step(self.model, self.cache, ids)
-        for _, view in self.groups:  # an eager step moves the views' host counters: start them from ours
-            for mine, theirs in zip(view.layers, self.cache.layers, strict=True):
-                mine.seen = theirs.seen
-        if self.streams is None:
-            return torch.cat([self.step(self.model, view, ids[rows]) for rows, view in self.groups])
-        here = torch.cuda.current_stream(ids.device)
-        # autocast caches its casts of the weights, and a cast made on one group's stream would be read on
-        # another's without waiting for it: each group casts its own
-        half = autocast_dtype("cuda")
-        no_cache = torch.autocast("cuda", half, cache_enabled=False) if half else contextlib.nullcontext()
-        outs = []
-        for (rows, view), stream in zip(self.groups, self.streams, strict=True):
-            stream.wait_stream(here)
-            with torch.cuda.stream(stream), no_cache:
-                outs.append(self.step(self.model, view, ids[rows]))
-        for stream, out in zip(self.streams, outs, strict=True):
-            here.wait_stream(stream)
-            if not torch.cuda.is_current_stream_capturing():
-                out.record_stream(here)  # made on that stream, read and freed on this one
-        return torch.cat(outs)
 
     def __call__(self, ids: Tensor) -> Tensor:
         # checked here: a replay runs no host code, and a compiled step must not read host counters
@@ -186,12 +141,12 @@ class DecodeStep:
             self.graph.replay()
             logits = self.logits
         elif not self.use_graph:
-            logits = self._run(ids)
+            logits = self.step(self.model, self.cache, ids)
         else:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                logits = self._run(ids)
+                logits = self.step(self.model, self.cache, ids)
             torch.cuda.current_stream().wait_stream(side)
             self.warmed_up = True
         # one token further, whoever ran the step: a replay and a compiled step leave the host counters
@@ -205,7 +160,7 @@ class DecodeStep:
         seen = [s.seen for s in self.cache.layers]
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = self._run(self.ids)
+            self.logits = self.step(self.model, self.cache, self.ids)
         # capturing ran the step's Python (an uncompiled one moved the host counters) but none of its kernels
         for state, n in zip(self.cache.layers, seen, strict=True):
             state.seen = n

@@ -513,9 +513,7 @@ def latency_case(run: Run, name: str, compile: bool = False, tag: str = "") -> N
     run.line("latency", case, text + (f"  (ref {ref} ms)" if ref else ""))
 
 
-def phase_throughput(
-    run: Run, models: list[str], budget_s: float, sampled: bool, full_prefill: bool, streams: int = 1
-) -> None:
+def phase_throughput(run: Run, models: list[str], budget_s: float, sampled: bool, full_prefill: bool) -> None:
     end = run.elapsed() + budget_s
     weight = {"rat-1.3b": 3, "rat-swa-1.3b": 3}  # RAT's runs get the time to decode all 1024 steps
     for i, name in enumerate(models):
@@ -525,25 +523,19 @@ def phase_throughput(
             run.line("throughput", name, "skipped: budget spent")
             continue
         args = (run, name, share, sampled, full_prefill)
-        if run.guarded("throughput", name, throughput_case, *args, streams=streams) == "oom":
-            run.guarded("throughput", name, throughput_case, *args, shrink=0.9, streams=streams)
+        if run.guarded("throughput", name, throughput_case, *args) == "oom":
+            run.guarded("throughput", name, throughput_case, *args, shrink=0.9)
 
 
 def throughput_case(
-    run: Run,
-    name: str,
-    budget_s: float,
-    sampled: bool,
-    full_prefill: bool,
-    shrink: float = 1.0,
-    streams: int = 1,
+    run: Run, name: str, budget_s: float, sampled: bool, full_prefill: bool, shrink: float = 1.0
 ) -> str | None:
     t_case = time.perf_counter()
     model = build(name, run.scale)
     release()
     try:
         left = budget_s - (time.perf_counter() - t_case)
-        throughput_run(run, name, model, left, sampled, full_prefill, shrink, streams)
+        throughput_run(run, name, model, left, sampled, full_prefill, shrink)
     except torch.cuda.OutOfMemoryError as e:
         run.record("throughput", name, status="oom", shrink=shrink, error=str(e)[:500])
         run.line("throughput", name, f"out of memory at {shrink:.0%} of the planned batch")
@@ -551,16 +543,13 @@ def throughput_case(
     return None
 
 
-def throughput_run(
-    run: Run, name, model, budget_s: float, sampled: bool, full_prefill: bool, shrink: float, streams: int = 1
-):
+def throughput_run(run: Run, name, model, budget_s: float, sampled: bool, full_prefill: bool, shrink: float):
     t_case = time.perf_counter()
     scale, dev = run.scale, run.scale.device
     P, NEW = scale.prompt, scale.new
     max_len = P + NEW
     plan = plan_batch(model, max_len, P, free=scale.free, reserve=0 if scale.free else None)
     B = max(1, int(plan.batch_size * shrink))
-    streams = min(streams, B)
     run.line("throughput", name, f"plan: {plan}" + (f"; using {B} after an OOM" if shrink < 1 else ""))
     if dev == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -596,7 +585,7 @@ def throughput_run(
         cache.set_positions([P] * B)
         token = torch.cat(logits).argmax(-1)
         token = token.repeat(B // token.shape[0] + 1)[:B]
-        step = DecodeStep(model, cache, cuda_graph=dev == "cuda", streams=streams)
+        step = DecodeStep(model, cache, cuda_graph=dev == "cuda")
 
         def decode(n: int) -> float:
             nonlocal token
@@ -633,13 +622,11 @@ def throughput_run(
     ref = REF_TOKENS_S.get(name)
     result = dict(batch=B, tokens_per_s=tokens_s, decode_s=decode_s, decode_method=method, segments=segments)
     result.update(ms_per_step_first=step_s * 1e3, setup_s=setup_s, peak_bytes=peak, shrink=shrink)
-    result.update(streams=streams)
     result.update(prefill_rows=rows, prefill_s_rows=prefill_s, prefill_tokens_per_s=rows * P / prefill_s)
     result.update(prefill_s_whole_batch=prefill_all_s, prefill_whole_batch_measured=full_prefill)
     result.update(prefill_peak_bytes=prefill_peak, prefill_estimate_bytes=plan.prefill_bytes)
     run.record("throughput", name, status="ok", plan=plan.as_dict(), ref_tokens_per_s=ref, **result)
     text = f"{tokens_s:9,.0f} tok/s  batch {B}  {decode_s:5.1f} s ({method.split(':')[0]})"
-    text += f" on {streams} streams" if streams > 1 else ""
     text += f"; prefill {rows * P / prefill_s:,.0f} tok/s" + (
         f"; peak {peak / 2**30:.0f} GiB" if peak else ""
     )
@@ -660,12 +647,6 @@ def add_arguments(p: argparse.ArgumentParser, phases: str = PHASES) -> None:
     p.add_argument("--budget-s", type=float, help="seconds for the whole run (default 330, quick 170)")
     p.add_argument("--models", default=",".join(MODELS), help="presets for latency and throughput")
     p.add_argument("--full-prefill", action="store_true", help="prefill every row, not one forward")
-    p.add_argument(
-        "--streams",
-        type=int,
-        default=1,
-        help="throughput: row groups decoded on their own streams (default 1)",
-    )
     p.add_argument("--out", default=os.environ.get("OUT", "bench-out"), help="output folder (default $OUT)")
 
 
@@ -707,7 +688,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
         elif phase == "latency":
             phase_latency(run, models, phase_s)
         elif phase == "throughput":
-            phase_throughput(run, models, budget - run.elapsed(), args.quick, args.full_prefill, args.streams)
+            phase_throughput(run, models, budget - run.elapsed(), args.quick, args.full_prefill)
         elif phase == "compiled":
             run.guarded("latency", "rat-1.3b compiled", latency_case, run, "rat-1.3b", compile=True)
         else:
