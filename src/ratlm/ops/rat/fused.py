@@ -35,11 +35,11 @@ class RatChunkHeadsFunction(torch.autograd.Function):
         dev, dt = v.device, v.dtype
         cos, sin = rope_tables(C, d, rope_base, dev) if rope else (None, None)
         # without gradients (prefill) the scan writes each token's own score instead of its key state
-        inference = not grads and C > 1 and own_score_supported(L, C, d)
+        own_scores = not grads and C > 1 and own_score_supported(L, C, d)
         qo = torch.empty(B, C, H, L, d, device=dev, dtype=dt)
         vs = torch.empty(B, T, H, d, device=dev, dtype=dt)
-        ks = None if inference else torch.empty(B, T, H, d, device=dev, dtype=dt)
-        own = torch.empty(B, T, H, device=dev, dtype=torch.float32) if inference else None
+        ks = None if own_scores else torch.empty(B, T, H, d, device=dev, dtype=dt)
+        own = torch.empty(B, T, H, device=dev, dtype=torch.float32) if own_scores else None
         vsum, ksum = (torch.empty(B, C, H, d, device=dev, dtype=dt) for _ in range(2))
         states = (vs, ks, "bthd", vsum, ksum, "bchd")
         rat_scan_fwd(q, k, v, g, L, rope, cos, sin, qo, "bchld", *states, gate_bias, own=own, scale=scale)
@@ -53,8 +53,9 @@ class RatChunkHeadsFunction(torch.autograd.Function):
             vp = vsum[:, : C - 1].transpose(1, 2)
             o, lse, state = engine.forward(qp, kp, vp, scale)
         unit = getattr(engine, "unit", 1.0)
-        merge_fwd(qo, "bchld", vs, ks, "bthd", o, "heads", lse, "heads", unit, y, L, scale, z, own=own)
-        if inference:  # nothing to keep for a backward that cannot come
+        heads = (o, "heads", lse, "heads", unit)
+        merge_fwd(qo, "bchld", vs, ks, "bthd", *heads, y, L, scale, z, own=own, keep=grads)
+        if not grads:  # nothing to keep for a backward that cannot come
             return y
         ctx.save_for_backward(k, v, g, gate_bias, z, qo, vs, ks, vsum, ksum, o, lse)
         ctx.args = (L, rope, rope_base, scale, engine, state, q.dtype)

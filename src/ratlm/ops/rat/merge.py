@@ -41,7 +41,7 @@ def _merge_fwd_kernel(
     sy_b, sy_c, sy_l, sy_h, sy_off,
     sw_b, sw_c, sw_l, sw_h, sw_off,
     H: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, HAS_SUM: tl.constexpr, HAS_Z: tl.constexpr,
-    OWN_SCORE: tl.constexpr,
+    OWN_SCORE: tl.constexpr, KEEP: tl.constexpr,
 ):  # fmt: skip
     b = (tl.program_id(1) // H).to(tl.int64)
     h = (tl.program_id(1) % H).to(tl.int64)  # head offsets of head-major buffers can pass 2**31
@@ -69,9 +69,9 @@ def _merge_fwd_kernel(
         w_own = tl.exp(s - mx)
         den = w_s + w_own
         y = (w_s[:, None] * o_s + w_own[:, None] * v) / den[:, None]
-        # the summary engine's output and statistic become the merged ones, in its own format
-        tl.store(p_o, round_to(y, OS.dtype.element_ty), mask=has[:, None])
-        tl.store(p_lse, (mx + tl.log(den)) / unit, mask=has)
+        if KEEP:  # for the backward, the summary engine's output and statistic become the merged ones
+            tl.store(p_o, round_to(y, OS.dtype.element_ty), mask=has[:, None])
+            tl.store(p_lse, (mx + tl.log(den)) / unit, mask=has)
     else:
         y = v
     if HAS_Z:  # the output gate sigmoid(z); the engine's buffer keeps the ungated output for the backward
@@ -151,11 +151,14 @@ def _rows(d: int) -> tuple[int, int]:
 
 
 def merge_fwd(
-    qo, qo_layout, vs, ks, s_layout, o, o_layout, lse, lse_layout, unit, y, L, scale, z=None, own=None
+    qo, qo_layout, vs, ks, s_layout, o, o_layout, lse, lse_layout, unit, y, L, scale, z=None, own=None,
+    keep=True,
 ):  # fmt: skip
     """y (preallocated [B, T, H, d]) = own state merged with the summary attention (o, lse may be None),
     times sigmoid(z) when z ([B, T, H, d], any strides with a unit last one) is given. With own ([B, T, H]
-    fp32, the scan's own scores) the scores are read from there, not computed from qo and ks (None)."""
+    fp32, the scan's own scores) the scores are read from there, not computed from qo and ks (None).
+    keep: also overwrite o and lse with the merged output and statistic, as `own_bwd` and the engine's
+    backward need them (without a backward to come, False saves writing o again)."""
     B, T, H, d = y.shape
     BM, warps = _rows(d)
     has_sum = o is not None
@@ -170,7 +173,8 @@ def merge_fwd(
         *(token_strides(z, "bthd", L) if z is not None else zeros),
         *token_strides(y, "bthd", L),
         *(token_strides(own, "bthd", L) if own is not None else zeros),
-        H=H, D=d, BM=BM, HAS_SUM=has_sum, HAS_Z=z is not None, OWN_SCORE=own is not None, num_warps=warps,
+        H=H, D=d, BM=BM, HAS_SUM=has_sum, HAS_Z=z is not None, OWN_SCORE=own is not None, KEEP=keep,
+        num_warps=warps,
     )  # fmt: skip
 
 
