@@ -413,6 +413,39 @@ def test_forward_without_gradients_takes_the_own_scores_and_agrees(device, L, T,
                                       None, None, "bchd", bias, own=own)  # fmt: skip
 
 
+@pytest.mark.parametrize("grad", [False, True])
+def test_summaries_handed_over_once_by_the_engine_that_succeeds(device, grad, monkeypatch):
+    """The cached prefill's callback gets the chunk summaries once, from the engine that ran (here a
+    chunks-as-heads engine that fails first, then the fused Triton one with its own scan of them), with or
+    without gradients; the summaries are those of a scan of their own."""
+
+    tried = []
+
+    class Failing(engines.TorchHeadsEngine):
+        def forward(self, *args):
+            tried.append(args)
+            raise RuntimeError("no plan")
+
+    real = gpu._engine_for
+    monkeypatch.setattr(
+        gpu, "_engine_for", lambda name, v, L: ("heads", Failing()) if name == "cudnn" else real(name, v, L)
+    )
+    torch.manual_seed(3)
+    leaves = gated_inputs(2, 13, 2, 16, device)
+    if not grad:
+        leaves = tuple(t.detach() for t in leaves)
+    got = []
+    y = call_gated(gpu.rat_mix_triton, leaves, 4, summaries=lambda *s: got.append([t.clone() for t in s]))
+    assert len(tried) == 1 and gpu.last_engine == "triton" and len(got) == 1 and y.requires_grad == grad
+    q, k, v, logits, bias, _ = (t.detach() for t in leaves)
+    want = fused.scan_summaries(k, v, logits, 4, True, 10000.0, bias)
+    for a, b in zip(got[0], want, strict=True):  # rows 0 .. C-2: the summaries of those chunks
+        torch.testing.assert_close(a[:, :-1], b[:, :-1], rtol=0, atol=0)
+    got.clear()
+    call_gated(gpu.rat_mix_triton, leaves, 4, engine="torch", summaries=lambda *s: got.append(s[0][:, :-1]))
+    assert len(got) == 1 and torch.equal(got[0], want[0][:, :-1])
+
+
 def test_pinned_scan_tiles_are_checked(monkeypatch):
     """A benchmark's pinned tile must split each half of the head vector into whole blocks."""
     from ratlm.ops.rat import scan_seq

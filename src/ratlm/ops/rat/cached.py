@@ -82,14 +82,16 @@ def prefill_fresh(
     out_gate: Tensor | None = None,
     engine: str | None = None,
 ) -> Tensor | None:
-    """`rat_mix_cached` into an empty state through the GPU kernels; None where they cannot run (the reason
-    is logged) and nothing was written.
+    """`rat_mix_cached` into an empty state through the GPU kernels. None where they cannot run (the reason
+    is logged) and the state is left as it was; with `engine` given, that engine's ValueError instead.
 
     The outputs come from the full-sequence path (`rat_mix_gpu_or_none`, or `rat_mix_triton` with the
-    `engine` given), whose scan kernel hands over the summaries of chunks 0 .. C-2: they are copied into the
-    cache slots (rounded to the activation dtype first, as the general path and the decode kernels round
-    them). The last chunk, complete or not, is scanned in fp32 by PyTorch (at most L tokens) for the running
-    states and, when complete, its summary. One scan of the prompt, not two.
+    `engine` given). Its scan hands over the summaries of chunks 0 .. C-2 in the activation dtype, which are
+    copied into the cache slots: with the chunks-as-heads engines (cuDNN's) one scan of the prompt, not two.
+    The scan rotates the fp32 key state and rounds once; the general path and the decode kernels round
+    before and after the rotation, so a summary key may differ from theirs in its last bit. The last chunk,
+    complete or not, is scanned in fp32 by PyTorch (at most L tokens) for the running states and, when
+    complete, its summary.
     """
     from .gpu import rat_mix_gpu_or_none, rat_mix_triton
 

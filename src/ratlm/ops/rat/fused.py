@@ -43,8 +43,6 @@ class RatChunkHeadsFunction(torch.autograd.Function):
         vsum, ksum = (torch.empty(B, C, H, d, device=dev, dtype=dt) for _ in range(2))
         states = (vs, ks, "bthd", vsum, ksum, "bchd")
         rat_scan_fwd(q, k, v, g, L, rope, cos, sin, qo, "bchld", *states, gate_bias, own=own, scale=scale)
-        if summaries is not None:
-            summaries(vsum, ksum)
         y = torch.empty(B, T, H, d, device=dev, dtype=dt)
         o = lse = state = qp = kp = vp = None
         if C > 1:
@@ -55,6 +53,8 @@ class RatChunkHeadsFunction(torch.autograd.Function):
         unit = getattr(engine, "unit", 1.0)
         heads = (o, "heads", lse, "heads", unit)
         merge_fwd(qo, "bchld", vs, ks, "bthd", *heads, y, L, scale, z, own=own, keep=grads)
+        if summaries is not None:  # last: an engine that fails above leaves the caller's cache untouched
+            summaries(vsum, ksum)
         if not grads:  # nothing to keep for a backward that cannot come
             return y
         ctx.save_for_backward(k, v, g, gate_bias, z, qo, vs, ks, vsum, ksum, o, lse)
@@ -115,9 +115,10 @@ def rat_mix_chunk_heads(
 ) -> Tensor:
     """RAT's core with the chunks-as-heads engine given (inputs validated by the caller). [B, T, H, d].
     With gate_bias, g holds the forget gates' logits; with z the result is gated by sigmoid(z) in the merge
-    kernel (see `rat_mix`). summaries(vsum, ksum), when given, is called with the scan's summary
-    buffers, [B, C, H, d] in v's dtype, valid only during the call: rows 0 .. C-2 hold the summaries of
-    those chunks (keys rotated at their chunk index); the last chunk's row is not written."""
+    kernel (see `rat_mix`). summaries(vsum, ksum), when given, is called once, after everything else has
+    run, with the scan's summary buffers, [B, C, H, d] in v's dtype, valid only during the call: rows
+    0 .. C-2 hold the summaries of those chunks (keys rotated at their chunk index in fp32, then rounded);
+    the last chunk's row is not written."""
     leaves = (q, k, v, g, gate_bias, z)
     grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in leaves)
     return RatChunkHeadsFunction.apply(*leaves, chunk_size, rope, rope_base, scale, engine, summaries, grads)

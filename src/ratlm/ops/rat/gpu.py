@@ -92,9 +92,9 @@ def rat_mix_triton(
     Runs on CUDA, or on CPU under TRITON_INTERPRET=1 (engines "torch" and "triton"; "flex" forward only).
     Raises ValueError for inputs or engines that cannot run.
 
-    summaries(vsum, ksum), for a cached prefill, is called with the chunk summaries as
-    `rat_mix_chunk_heads` hands them over: from the chunks-as-heads engines' own scan, from a scan of their
-    own for the others.
+    summaries(vsum, ksum), for a cached prefill, is called once, by the engine that succeeds, with the chunk
+    summaries as `rat_mix_chunk_heads` hands them over: from the chunks-as-heads engines' own scan, from a
+    second scan for the others.
     """
     from ..scan.kernel import unit_last_stride
     from . import rat_mix_check
