@@ -56,6 +56,14 @@ def test_flop_counts():
     assert window == pytest.approx(4 * 16 * 4096 * 128 * keys)
 
 
-def test_cli_rejects_unknown_candidates(tmp_path, capsys):
-    assert main(["bench", "layer", "--out", str(tmp_path), "--candidates", "magic"]) == 2
-    assert "unknown mode or candidate" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--candidates", "cudnn,magic", "unknown ['magic']; allowed: cudnn, triton, flex, torch"),
+        ("--modes", "fill,decode", "unknown ['decode']; allowed: train, prefill, fill"),
+        ("--baselines", "mamba", "unknown ['mamba']; allowed: attention, swa, rnn"),
+    ],
+)
+def test_cli_rejects_unknown_names(tmp_path, capsys, flag, value, message):
+    assert main(["bench", "layer", "--out", str(tmp_path), flag, value]) == 2
+    assert f"{flag}: {message}" in capsys.readouterr().err

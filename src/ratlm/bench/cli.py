@@ -7,8 +7,6 @@ import os
 import sys
 from pathlib import Path
 
-CANDIDATES = ("cudnn", "triton", "flex", "torch")
-
 
 def _ints(text: str) -> tuple[int, ...]:
     try:
@@ -25,7 +23,7 @@ def _names(text: str) -> tuple[str, ...]:
 
 
 def cmd_bench_layer(args: argparse.Namespace) -> None:
-    from .layer import MODES, LayerBench, run
+    from .layer import BASELINES, CANDIDATES, MODES, LayerBench, run
 
     bench = LayerBench(out=Path(args.out or os.environ.get("OUT", "bench-out")))
     if args.quick:
@@ -37,9 +35,11 @@ def cmd_bench_layer(args: argparse.Namespace) -> None:
     bench.checks, bench.plot = not args.no_checks, not args.no_plot
     if args.seq_lens is not None:
         bench.flex_lens = tuple(t for t in bench.seq_lens if t in bench.flex_lens) or bench.seq_lens[:1]
-    unknown = (set(bench.modes) - set(MODES)) | (set(bench.candidates) - set(CANDIDATES))
-    if unknown:
-        raise ValueError(f"unknown mode or candidate {sorted(unknown)}")
+    allowed = {"modes": tuple(MODES), "candidates": CANDIDATES, "baselines": BASELINES}
+    for name, names in allowed.items():
+        unknown = sorted(set(getattr(bench, name)) - set(names))
+        if unknown:
+            raise ValueError(f"--{name}: unknown {unknown}; allowed: {', '.join(names)}")
     if run(bench):
         raise SystemExit(2)
 

@@ -56,6 +56,8 @@ from ..ops.attention import attention_sdpa
 from ..ops.rat.masked import rat_mix_masked
 
 ENGINES = ("cudnn", "triton", "flex")
+CANDIDATES = (*ENGINES, "torch")  # RAT engines timed ("torch": the PyTorch path, short lengths only)
+BASELINES = ("attention", "swa", "rnn")
 MODES = {"train": "forward + backward", "prefill": "prefill (forward)", "fill": "prefill into a cache"}
 PERF_MATMUL_TFLOPS = 729.0  # bf16 matmul 8192^3 on the H200, PERF.md
 
@@ -66,8 +68,8 @@ class LayerBench:
     modes: tuple[str, ...] = ("train", "prefill")
     seq_lens: tuple[int, ...] = (131072, 4096, 16384, 65536, 8192, 32768)  # most wanted first
     chunks: tuple[int, ...] = (16, 64, 128)
-    candidates: tuple[str, ...] = ("cudnn", "triton", "flex", "torch")
-    baselines: tuple[str, ...] = ("attention", "swa", "rnn")
+    candidates: tuple[str, ...] = CANDIDATES
+    baselines: tuple[str, ...] = BASELINES
     tokens: int = 262144
     d_model: int = 2048
     n_heads: int = 16
@@ -86,7 +88,7 @@ class LayerBench:
     results: list[dict] = field(default_factory=list)
 
     def quick_mode(self) -> None:
-        self.seq_lens, self.chunks, self.candidates = (131072, 4096), (16,), ("cudnn", "triton", "flex")
+        self.seq_lens, self.chunks, self.candidates = (131072, 4096), (16,), ENGINES
         self.flex_lens, self.budget_s, self.rep_s = (4096,), 150.0, 0.3
 
     def smoke_mode(self, device: str) -> None:
