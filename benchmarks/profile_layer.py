@@ -28,10 +28,9 @@ from ratlm.bench.layer import (
     _config,
     _layer,
     by_kernel,
-    fill_step,
     idle_gaps,
     kernel_timeline,
-    layer_step,
+    mode_step,
     time_ms,
 )
 
@@ -42,10 +41,7 @@ def profile_one(kind: str, T: int, mode: str, top: int, trace: Path | None = Non
     torch.manual_seed(0)
     layer = _layer(kind, _config(bench, 16, T), "cuda")
     x = torch.randn(B, T, bench.d_model, device="cuda", requires_grad=mode == "train")
-    if mode == "fill":  # a cached prefill: setup() (untimed, unprofiled) puts x and the state back
-        step, setup = fill_step(layer, x)
-    else:
-        step, setup = layer_step(layer, x, torch.randn_like(x) if mode == "train" else None), None
+    step, setup = mode_step(layer, x, mode)  # fill: setup() (untimed, unprofiled) puts x and the state back
     for _ in range(2):
         if setup is not None:
             setup()

@@ -532,12 +532,20 @@ def fill_step(layer: torch.nn.Module, x: torch.Tensor):
     return step, setup
 
 
+def mode_step(layer: torch.nn.Module, x: torch.Tensor, mode: str):
+    """(step, setup) for one timed call of the layer in `mode` (see MODES): `fill_step` for "fill", else
+    `layer_step` (with a random output gradient in training) and no setup."""
+    if mode == "fill":
+        return fill_step(layer, x)
+    return layer_step(layer, x, torch.randn_like(x) if mode == "train" else None), None
+
+
 def time_one(bench: LayerBench, mode: str, T: int, kind: str, L: int | None, candidate: str) -> dict:
     B = max(1, bench.tokens // T)
     cfg = _config(bench, L or 16, T)
     row = {"kind": "time", "mode": mode, "T": T, "B": B, "layer": kind, "L": L, "candidate": candidate}
     choice = candidate if kind.startswith("rat") else ("auto" if candidate != "torch" else "torch")
-    layer = x = dy = None
+    layer = x = None
     try:
         with backend.use_backend(choice):
             torch.manual_seed(0)
@@ -547,8 +555,7 @@ def time_one(bench: LayerBench, mode: str, T: int, kind: str, L: int | None, can
             else:
                 layer = _layer(kind, cfg, bench.device)
                 x = torch.randn(B, T, bench.d_model, device=bench.device, requires_grad=mode == "train")
-                dy = torch.randn_like(x) if mode == "train" else None
-                step, setup = fill_step(layer, x) if mode == "fill" else (layer_step(layer, x, dy), None)
+                step, setup = mode_step(layer, x, mode)
             base = torch.cuda.memory_allocated() if bench.cuda else 0
             t0 = time.perf_counter()
             if setup is not None:
@@ -579,7 +586,7 @@ def time_one(bench: LayerBench, mode: str, T: int, kind: str, L: int | None, can
     except Exception as e:
         row.update(_error(e))
     finally:
-        layer = x = dy = step = setup = None
+        layer = x = step = setup = None  # the step holds the output gradient
         _free()
     return row
 
