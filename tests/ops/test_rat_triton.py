@@ -411,6 +411,11 @@ def test_forward_without_gradients_takes_the_own_scores_and_agrees(device, L, T,
         with pytest.raises(ValueError, match="own scores need the queries"):
             scan_kernels.rat_scan_fwd(q, k, v, logits, L, False, None, None, None, "bchld", vs, None, "bthd",
                                       None, None, "bchd", bias, own=own)  # fmt: skip
+        with pytest.raises(ValueError, match="ks is needed unless the own scores"):
+            scan_kernels.rat_scan_fwd(q, k, v, logits, L, False, None, None, None, "bthd", vs, None, "bthd",
+                                      None, None, "bchd", bias)  # fmt: skip
+        with pytest.raises(ValueError, match="needs the key states ks or the own scores"):
+            merge.merge_fwd(vs, "bthd", vs, None, "bthd", vs, "heads", vs, "heads", 1.0, vs, L, 0.25)
 
 
 @pytest.mark.parametrize("grad", [False, True])

@@ -162,6 +162,8 @@ def merge_fwd(
     B, T, H, d = y.shape
     BM, warps = _rows(d)
     has_sum = o is not None
+    if has_sum and ks is None and own is None:
+        raise ValueError("merge_fwd needs the key states ks or the own scores own to merge a summary part")
     zeros = (0,) * 5
     _merge_fwd_kernel[(triton.cdiv(T, BM), B * H)](
         qo, ks if ks is not None else vs, vs, o if has_sum else vs, lse if has_sum else vs,
