@@ -1,4 +1,5 @@
-"""`ratlm eval ppl | length | harness`: registered on ratlm's command line by `add_eval_parser`."""
+"""`ratlm eval ppl | length | harness` (and `longbench | ruler` from `long_cli`): registered on ratlm's
+command line by `add_eval_parser`."""
 
 from __future__ import annotations
 
@@ -108,7 +109,9 @@ def cmd_harness(args: argparse.Namespace) -> None:
 
 def add_eval_parser(sub) -> None:
     """Add `eval` and its subcommands to ratlm's subparsers."""
-    p = sub.add_parser("eval", help="perplexity, loss against length, lm-evaluation-harness tasks")
+    p = sub.add_parser(
+        "eval", help="perplexity, loss against length, lm-evaluation-harness, LongBench, RULER"
+    )
     evals = p.add_subparsers(dest="eval_command", required=True)
 
     q = evals.add_parser("ppl", help="token-level perplexity over windows of the data")
@@ -144,3 +147,7 @@ def add_eval_parser(sub) -> None:
     )
     q.add_argument("lm_eval_args", nargs=argparse.REMAINDER)
     q.set_defaults(func=cmd_harness)
+
+    from .long_cli import add_long_context_parsers
+
+    add_long_context_parsers(evals)
