@@ -87,6 +87,7 @@ def test_parse_tasks():
         lb.parse_tasks("trec,trec")
 
 
+@pytest.mark.slow
 def test_predict_and_score_end_to_end(model_dir, tiny_model, data_dir, tmp_path, capsys):
     out = tmp_path / "pred"
     args = ["eval", "longbench", "--model", str(model_dir), "--data", str(data_dir), "--out", str(out)]

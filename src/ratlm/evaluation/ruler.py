@@ -43,7 +43,7 @@ from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
-from .answers import LengthError, greedy_answers
+from .answers import LengthError, auto_batch_size, greedy_answers
 
 NEEDLE = "One of the special magic {type_needle_v} for {key} is: {value}."
 TEMPLATE = (
@@ -296,8 +296,8 @@ def make_samples(
                 bare = count(0)
                 if bare > high:
                     raise LengthError(
-                        f"length {length} cannot hold {name}: its prompt without any haystack takes {bare} "
-                        f"tokens, {max_new_tokens} more are left for the answer"
+                        f"length {length} cannot hold {name}: its prompt takes {bare} tokens without any "
+                        f"haystack, and {max_new_tokens} are kept for the answer"
                     )
                 if guess is None:  # units per token from the bare prompt and one larger haystack
                     probe = count(64)
@@ -307,7 +307,8 @@ def make_samples(
                 tokens = len(tokenizer.encode(text))
                 if tokens < low:
                     raise LengthError(
-                        f"could not size {name} at length {length}: {tokens} tokens fit, fewer than {low}"
+                        f"could not size {name} at length {length}: {tokens} tokens fit, fewer than {low} "
+                        f"(one more line or word of haystack passes {high}); use a longer length"
                     )
                 out.append(NeedleSample(name, length, text, draw.outputs, tokens))
                 guess = n
@@ -347,6 +348,8 @@ def evaluate_ruler(
         raise RulerError(
             f"the tokenizer has {tokenizer.vocab_size} tokens, the model {model.config.vocab_size}"
         )
+    if max(lengths) > max_new_tokens:  # refuse a length no memory holds before making its haystack
+        auto_batch_size(model, max(lengths) - max_new_tokens, max_new_tokens)
     made = make_samples(tokenizer, tasks, lengths, samples, "test", seed, max_new_tokens)
     scores: dict[str, dict[str, list[float]]] = {t: {str(n): [] for n in lengths} for t in tasks}
     tokens: dict[str, list[int]] = {str(n): [] for n in lengths}
