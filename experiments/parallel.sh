@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run one experiment sweep as one process per architecture, side by side on one GPU.
 #
-#   experiments/parallel.sh mqar|lm|length OUT [more arguments for the script]
+#   experiments/parallel.sh mqar|lm|length|ruler OUT [more arguments for the script]
 #   experiments/parallel.sh mqar OUT --per-cell --cells T:K,... [more arguments]
 #
 # The models of these sweeps are small (0.8-25M parameters), so one process leaves most of an H200 idle
@@ -18,7 +18,7 @@
 # per cell: more processes side by side, for long runs that would not fit one call one after the other.
 set -u
 if [ $# -lt 2 ]; then
-    echo "usage: $0 mqar|lm|length OUT [arguments for the script]" >&2
+    echo "usage: $0 mqar|lm|length|ruler OUT [arguments for the script]" >&2
     exit 2
 fi
 script=$1 out=${2%/}
@@ -45,8 +45,9 @@ case $script in
     mqar) flag=--archs names="attn rat-l16 rat-l64 rnn rat-swa" ;;
     lm) flag=--archs names="attn rat rnn attn-swa rat-swa" ;;
     length) flag=--models names="attn-swa-rope attn-swa-nope rat-swa-rope rat-swa-nope" ;;
+    ruler) flag=--archs names="attn rat-l16 rat-l64 rat-swa" ;;
     *)
-        echo "$0: script must be one of mqar, lm, length (got '$script')" >&2
+        echo "$0: script must be one of mqar, lm, length, ruler (got '$script')" >&2
         exit 2
         ;;
 esac

@@ -17,6 +17,7 @@ import length  # noqa: E402
 import lm  # noqa: E402
 import mqar  # noqa: E402
 import prepare_corpus  # noqa: E402
+import ruler  # noqa: E402
 import summarize  # noqa: E402
 
 
@@ -389,3 +390,41 @@ def test_parallel_script_runs_one_process_per_model(tmp_path):
     assert names == sorted(f"{a}_T{t}_K2_lr0.001_s0.json" for a in mqar.ARCHS for t in (32, 64))
     logs = sorted(p.stem for p in (tmp_path / "cells-logs").glob("*.log"))
     assert logs == sorted(f"{a}-{t}-2" for a in mqar.ARCHS for t in (32, 64))
+
+
+def test_ruler_fine_tuning_targets_only_the_answer_and_its_eos():
+    args = ruler.parse_args(["--out", "unused", "--tiny"])
+    batches = ruler.needle_batches(args, 512, 4, 0, torch.Generator().manual_seed(0))
+    x, y = next(batches)
+    assert x.shape == y.shape == (2, 512)
+    for row, target in zip(x, y, strict=True):
+        scored = (target != harness.IGNORE_INDEX).nonzero().flatten()
+        first, last = scored[0].item(), scored[-1].item()
+        assert (scored == torch.arange(first, last + 1)).all() and target[last] == 256  # the answer, then EOS
+        answer = bytes(target[first:last].tolist()).decode()
+        assert (
+            answer.startswith(" ")
+            and answer.endswith(".")
+            and answer[1:-1] in bytes(row[:first].tolist()).decode()
+        )
+        assert torch.equal(
+            row[first + 1 : last + 1], target[first:last]
+        )  # teacher forcing: the answer is input
+        prompt = bytes(row[: first + 1].tolist()).decode()
+        assert prompt.endswith("mentioned in the provided text is") or prompt.endswith("provided text are")
+
+
+@pytest.mark.slow
+def test_ruler_experiment_end_to_end_tiny(tmp_path, capsys):
+    argv = ["--out", str(tmp_path), "--tiny", "--device", "cpu", "--archs", "rat-l16,rat-swa"]
+    assert ruler.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "DONE" in printed and "average score over tasks (trained at 512)" in printed
+    result = json.loads((tmp_path / "rat-swa_N512_s0.json").read_text())
+    assert result["status"] == "ok" and result["lengths"] == [512, 1024]
+    assert set(result["scores"]) == {"niah_single_1", "niah_multikey_2"}
+    assert len(result["pretrain"]["log"]) == 2 and len(result["finetune"]["log"]) == 2
+    assert result["model_config"]["layers"] == "rat,swa" and result["training_context"] == 512
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rat-l16_N512_s0.json", "rat-swa_N512_s0.json"]
+    ruler.main(argv)
+    assert "2 already done, 0 to run" in capsys.readouterr().out
