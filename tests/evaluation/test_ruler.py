@@ -8,6 +8,7 @@ import json
 import re
 
 import pytest
+import torch
 
 from ratlm.cli import main
 from ratlm.corpus import load_split
@@ -222,3 +223,22 @@ def test_bad_lengths_are_refused_by_the_parser(model_dir, capsys):
         with pytest.raises(SystemExit):
             main(["eval", "ruler", "--model", str(model_dir), "--lengths", bad, "--out", "x.json"])
         assert "--lengths" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_ruler_and_longbench_on_cuda(model_dir, tmp_path, capsys):
+    """The batched generation (ragged prefill, CUDA-graph decode, EOS stops) on a GPU, in bf16."""
+    out = tmp_path / "ruler.json"
+    args = ["eval", "ruler", "--model", str(model_dir), "--lengths", "768,1536", "--samples", "4"]
+    args += ["--max-new-tokens", "16", "--device", "cuda", "--dtype", "bf16", "--out", str(out), "--no-plot"]
+    assert main(args) == 0
+    result = json.loads(out.read_text())
+    assert set(result["scores"]) == set(ruler.TASKS) and result["lengths"] == [768, 1536]
+    data = tmp_path / "data"
+    data.mkdir()
+    sample = {"input": "Q?", "context": "c " * 500, "answers": ["a"], "all_classes": None, "length": 1}
+    (data / "triviaqa.jsonl").write_text((json.dumps(sample) + "\n") * 5)
+    args = ["eval", "longbench", "--model", str(model_dir), "--data", str(data), "--tasks", "triviaqa"]
+    assert main([*args, "--out", str(tmp_path / "lb"), "--max-length", "600", "--device", "cuda"]) == 0
+    assert len((tmp_path / "lb" / "triviaqa.jsonl").read_text().splitlines()) == 5

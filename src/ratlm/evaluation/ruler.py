@@ -193,8 +193,11 @@ def _sentences(text: str) -> list[str]:
     return [s for s in re.split(r"(?<=[.!?])\s+", text) if s]
 
 
+_NOISE_SENTENCES = _sentences(NOISE)
+
+
 def _context(draw: _Draw, n: int, essay: Sequence[str]) -> str:
-    """The haystack of n units (essay words, noise lines or distractor needles) with the needles in it."""
+    """The haystack of n units (essay words, noise sentences or distractor needles) with the needles in it."""
     if draw.task.haystack == "essay":
         words = [essay[(draw.start + i) % len(essay)] for i in range(n)]
         sentences = _sentences(" ".join(words))
@@ -204,7 +207,11 @@ def _context(draw: _Draw, n: int, essay: Sequence[str]) -> str:
             pieces += [" ".join(sentences[cuts[i] : cuts[i + 1]]), needle]
         pieces.append(" ".join(sentences[cuts[-2] :]))
         return " ".join(p for p in pieces if p)
-    lines = [NOISE] * n if draw.task.haystack == "noise" else _distractors(draw, n)
+    if draw.task.haystack == "noise":  # n sentences, RULER's line of five repeated (the last may be short)
+        sentences = [_NOISE_SENTENCES[i % 5] for i in range(n)]
+        lines = [" ".join(sentences[i : i + 5]) for i in range(0, n, 5)]
+    else:
+        lines = _distractors(draw, n)
     for place, needle in sorted(zip(draw.places, draw.needles, strict=True), reverse=True):
         lines.insert(int(place * (n + 1)) if n else 0, needle)
     return "\n".join(lines)
@@ -308,7 +315,7 @@ def make_samples(
                 if tokens < low:
                     raise LengthError(
                         f"could not size {name} at length {length}: {tokens} tokens fit, fewer than {low} "
-                        f"(one more line or word of haystack passes {high}); use a longer length"
+                        f"(one more unit of haystack passes {high}); use a longer length or fewer new tokens"
                     )
                 out.append(NeedleSample(name, length, text, draw.outputs, tokens))
                 guess = n
