@@ -80,6 +80,16 @@ def test_needle_haystacks_hide_the_answer_among_distractors(samples):
     assert re.search(r"for [0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12} is", uuid_keys)
 
 
+@pytest.mark.parametrize("task", ["niah_single_1", "niah_single_2", "niah_multikey_2"])
+def test_needles_are_spread_over_the_haystack(task):
+    depths = []
+    for s in ruler.make_samples(TOK, [task], [2048], 24, max_new_tokens=32):
+        context = s.input.split("\n", 1)[1].rsplit("\n", 1)[0]
+        found = next(m for m in NEEDLE.finditer(context) if s.outputs[0] in m.group(0))
+        depths.append(found.start() / len(context))
+    assert min(depths) < 0.25 and max(depths) > 0.75 and 0.25 < sum(depths) / len(depths) < 0.75
+
+
 def test_the_essay_is_held_out_shakespeare(samples):
     essay = next(s for s in samples if s.task == "niah_single_2" and s.length == 1024).input
     held_out = " ".join(" ".join(load_split()[1]).split())

@@ -85,7 +85,8 @@ def cmd_longbench(args: argparse.Namespace) -> None:
 
 def cmd_ruler(args: argparse.Namespace) -> None:
     from .inputs import model_tokenizer
-    from .ruler import evaluate_ruler, format_table, make_samples, parse_tasks, plot_ruler, write_samples
+    from .jsonl import write_jsonl
+    from .ruler import evaluate_ruler, format_table, make_samples, parse_tasks, plot_ruler
 
     tasks = parse_tasks(args.tasks)
     if args.make_samples is not None:
@@ -96,7 +97,7 @@ def cmd_ruler(args: argparse.Namespace) -> None:
             raise ValueError(f"{args.model} holds no tokenizer: pass --tokenizer")
         made = make_samples(tokenizer, tasks, args.lengths, args.samples, args.split, args.seed,
                             args.max_new_tokens)  # fmt: skip
-        write_samples(args.make_samples, [{**s.as_dict(), "answer": s.answer} for s in made])
+        write_jsonl(args.make_samples, [{**s.as_dict(), "answer": s.answer} for s in made])
         print(f"wrote {len(made)} {args.split} samples to {args.make_samples}")
         return
     if args.split != "test":
@@ -124,7 +125,7 @@ def cmd_ruler(args: argparse.Namespace) -> None:
     print(format_table(result))
     print(f"wrote {args.out}")
     if args.save_samples is not None:
-        print(f"wrote {write_samples(args.save_samples, saved)}")
+        print(f"wrote {write_jsonl(args.save_samples, saved)}")
     if not args.no_plot:
         plot = args.plot or str(Path(args.out).with_suffix(".png"))
         print(f"wrote {plot_ruler(result, plot, title=Path(args.model).name)}")

@@ -16,13 +16,12 @@ fit the context the model was trained on; `max_length` sets it instead (LongBenc
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from .answers import greedy_answers
+from .jsonl import is_string_list, read_jsonl, write_jsonl
 from .longbench_score import TASK_NAMES, unknown_task_message
 
 # LongBench v1's config/dataset2prompt.json (the English and code tasks)
@@ -158,26 +157,19 @@ def read_samples(path: str | Path, limit: int | None = None) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"LongBench data file {path} not found")
     samples = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if limit is not None and len(samples) == limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                sample = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LongBenchDataError(f"{path}:{number}: not valid JSON ({e.msg})") from e
-            missing = [k for k in FIELDS if not isinstance(sample, dict) or k not in sample]
-            if missing:
-                raise LongBenchDataError(f"{path}:{number}: no {', '.join(missing)} (LongBench's fields: "
-                                         f"{', '.join(FIELDS)})")  # fmt: skip
-            if not isinstance(sample["input"], str) or not isinstance(sample["context"], str):
-                raise LongBenchDataError(f"{path}:{number}: 'input' and 'context' must be strings")
-            answers = sample["answers"]
-            if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
-                raise LongBenchDataError(f"{path}:{number}: 'answers' must be a list of strings")
-            samples.append(sample)
+    for number, sample in read_jsonl(path, LongBenchDataError):
+        if limit is not None and len(samples) == limit:
+            break
+        missing = [k for k in FIELDS if k not in sample]
+        if missing:
+            raise LongBenchDataError(
+                f"{path}:{number}: no {', '.join(missing)} (LongBench's fields: {', '.join(FIELDS)})"
+            )
+        if not isinstance(sample["input"], str) or not isinstance(sample["context"], str):
+            raise LongBenchDataError(f"{path}:{number}: 'input' and 'context' must be strings")
+        if not is_string_list(sample["answers"]):
+            raise LongBenchDataError(f"{path}:{number}: 'answers' must be a list of strings")
+        samples.append(sample)
     if not samples:
         raise LongBenchDataError(f"{path} holds no samples")
     return samples
@@ -245,16 +237,6 @@ def predict_task(
     ]  # fmt: skip
     cut = sum(len(ids) > budget for ids in encoded)
     return TaskPredictions(task=task, records=records, truncated=cut, budget=budget)
-
-
-def write_jsonl(path: Path, records: Sequence[dict]) -> None:
-    """One JSON object per line, written atomically (a crash leaves no half file that a re-run would keep)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 def count_lines(path: Path) -> int:

@@ -35,6 +35,8 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from .jsonl import is_string_list, read_jsonl
+
 # LongBench v1's groups (its leaderboard's columns), English and code tasks, in LongBench's order
 GROUPS: dict[str, tuple[str, ...]] = {
     "single-doc QA": ("narrativeqa", "qasper", "multifieldqa_en"),
@@ -175,25 +177,14 @@ def score_task(task: str, records: Sequence[dict]) -> float:
 def read_predictions(path: Path) -> list[dict]:
     """The records of one prediction file, each checked for `pred` (text) and `answers` (list of text)."""
     records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PredictionError(f"{path}:{number}: not valid JSON ({e.msg})") from e
-            if not isinstance(record, dict) or not isinstance(record.get("pred"), str):
-                raise PredictionError(f"{path}:{number}: no 'pred' text")
-            answers = record.get("answers")
-            if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
-                raise PredictionError(f"{path}:{number}: 'answers' must be a list of strings")
-            classes = record.get("all_classes")
-            if classes is not None and not (
-                isinstance(classes, list) and all(isinstance(c, str) for c in classes)
-            ):
-                raise PredictionError(f"{path}:{number}: 'all_classes' must be null or a list of strings")
-            records.append(record)
+    for number, record in read_jsonl(path, PredictionError):
+        if not isinstance(record.get("pred"), str):
+            raise PredictionError(f"{path}:{number}: no 'pred' text")
+        if not is_string_list(record.get("answers")):
+            raise PredictionError(f"{path}:{number}: 'answers' must be a list of strings")
+        if record.get("all_classes") is not None and not is_string_list(record["all_classes"]):
+            raise PredictionError(f"{path}:{number}: 'all_classes' must be null or a list of strings")
+        records.append(record)
     if not records:
         raise PredictionError(f"{path} holds no predictions")
     return records

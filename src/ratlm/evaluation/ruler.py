@@ -32,7 +32,6 @@ a task's score is 100 x the mean over its samples, rounded to two decimals.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import re
@@ -133,7 +132,7 @@ def _random_value(kind: str, rng: random.Random) -> str:
 
 
 def _join(items: Sequence[str]) -> str:
-    """RULER's list of queries: "a", "a and b" is never made, "a, b, and c"."""
+    """RULER's list of keys or values: "a", or "a, b, and c"."""
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + ", and " + items[-1]
 
 
@@ -212,8 +211,9 @@ def _context(draw: _Draw, n: int, essay: Sequence[str]) -> str:
         lines = [" ".join(sentences[i : i + 5]) for i in range(0, n, 5)]
     else:
         lines = _distractors(draw, n)
+    slots = len(lines) + 1  # before the first line, between two, after the last
     for place, needle in sorted(zip(draw.places, draw.needles, strict=True), reverse=True):
-        lines.insert(int(place * (n + 1)) if n else 0, needle)
+        lines.insert(int(place * slots), needle)
     return "\n".join(lines)
 
 
@@ -426,13 +426,4 @@ def plot_ruler(result: dict, path: str | Path, title: str | None = None) -> Path
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return path
-
-
-def write_samples(path: str | Path, rows: Sequence[dict]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
     return path
