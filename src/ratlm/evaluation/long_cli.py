@@ -44,7 +44,7 @@ def _write_json(path: str | Path, data: dict) -> None:
 
 
 def cmd_longbench(args: argparse.Namespace) -> None:
-    from .longbench import MAX_NEW_TOKENS, parse_tasks, predict_longbench
+    from .longbench import parse_tasks, predict_longbench
     from .longbench_score import METRICS, RESULT_FILE, format_table, rouge_l, score_folder
 
     if args.score is not None:
@@ -63,8 +63,6 @@ def cmd_longbench(args: argparse.Namespace) -> None:
     tasks = parse_tasks(args.tasks)
     if any(METRICS[t] is rouge_l for t in tasks):
         rouge_l("a", "a")  # the summarisation tasks are scored with the rouge package: fail before generating
-    if args.max_length is not None:
-        print(f"prompt budget {args.max_length} tokens (+ up to {max(MAX_NEW_TOKENS[t] for t in tasks)} new)")
     model, tokenizer = _model_and_tokenizer(args)
     predict_longbench(
         model,

@@ -286,7 +286,10 @@ def predict_longbench(
             continue
         result = predict_task(model, tokenizer, task, data[task], max_length, batch_size, progress)
         write_jsonl(path, result.records)
-        log(f"{task}: {len(result.records)} predictions -> {path} ({result.truncated} prompts cut in the "
-            f"middle to {budgets[task]} tokens)")  # fmt: skip
+        note = f"{result.truncated} prompts cut in the middle to {budgets[task]} tokens"
+        total = budgets[task] + MAX_NEW_TOKENS[task]
+        if total > model.config.context:
+            note += f"; prompt and answer may reach {total} tokens, past the training context"
+        log(f"{task}: {len(result.records)} predictions -> {path} ({note})")
         done.append(task)
     return done
