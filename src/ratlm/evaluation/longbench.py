@@ -231,10 +231,9 @@ def predict_task(
         model, prompts, MAX_NEW_TOKENS[task], tokenizer.eos_id, batch_size, progress, desc=task
     )
     records = [
-        {"pred": tokenizer.decode(out), "answers": s["answers"], "all_classes": s["all_classes"],
-         "length": s["length"]}
+        {"pred": tokenizer.decode(out), **{k: s[k] for k in ("answers", "all_classes", "length")}}
         for s, out in zip(samples, outputs, strict=True)
-    ]  # fmt: skip
+    ]
     cut = sum(len(ids) > budget for ids in encoded)
     return TaskPredictions(task=task, records=records, truncated=cut, budget=budget)
 
