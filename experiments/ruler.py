@@ -170,13 +170,21 @@ def run_job(job: Job, time_limit_s: float, args: argparse.Namespace) -> dict:
     eval_began = time.perf_counter()
     model = model.eval().to(torch.bfloat16 if device.type == "cuda" else torch.float32)
     lengths = [m * p["seq_len"] for m in p["eval_multiples"]]
+    examples: dict[str, list] = {}  # the first two answers of every task and length, to see what went wrong
+
+    def keep(sample, answer: str, score: float) -> None:
+        shown = examples.setdefault(f"{sample.task}@{sample.length}", [])
+        if len(shown) < 2:
+            shown.append({"answer": answer, "outputs": sample.outputs, "score": score})
+
     result = ruler.evaluate_ruler(model, ByteTokenizer(), p["tasks"], lengths, p["samples"], seed=p["seed"],
-                                  max_new_tokens=p["max_new_tokens"])  # fmt: skip
+                                  max_new_tokens=p["max_new_tokens"], on_sample=keep)  # fmt: skip
     print(ruler.format_table(result))
     for path in (pretrained, pretrained.with_suffix(".json")):
         path.unlink(missing_ok=True)  # the result holds what they held; a re-run of the job starts afresh
     return {
         **result,
+        "examples": examples,
         "pretrain": {"log": pretrain["log"], "train_seconds": pretrain["train_seconds"]},
         "finetune": {"log": finetune["log"], "train_seconds": finetune["train_seconds"]},
         "eval_seconds": time.perf_counter() - eval_began,

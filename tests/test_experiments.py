@@ -423,6 +423,8 @@ def test_ruler_experiment_end_to_end_tiny(tmp_path, capsys):
     result = json.loads((tmp_path / "rat-swa_N512_s0.json").read_text())
     assert result["status"] == "ok" and result["lengths"] == [512, 1024]
     assert set(result["scores"]) == {"niah_single_1", "niah_multikey_2"}
+    shown = result["examples"]["niah_multikey_2@1024"]
+    assert len(shown) == 1 and sorted(shown[0]) == ["answer", "outputs", "score"]
     assert len(result["pretrain"]["log"]) == 2 and len(result["finetune"]["log"]) == 2
     assert result["model_config"]["layers"] == "rat,swa" and result["training_context"] == 512
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rat-l16_N512_s0.json", "rat-swa_N512_s0.json"]
